@@ -1,0 +1,255 @@
+/*
+ * Platform glue for netpoll's Cython core.
+ *
+ * Everything here is small and static inline so that the Cython modules stay
+ * platform-neutral: one readiness API (np_poll_*) over epoll on Linux and
+ * kqueue on macOS/BSD, a wake-up fd (eventfd or a pipe), accept with
+ * non-blocking/cloexec flags, atomics and the monotonic clock.
+ *
+ * The kqueue half is compiled on macOS but cannot be tested on the Linux CI
+ * machines; it is kept deliberately minimal.
+ */
+#ifndef NETPOLL_COMPAT_H
+#define NETPOLL_COMPAT_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#define NP_EV_READ  0x1u
+#define NP_EV_WRITE 0x2u
+#define NP_EV_HUP   0x4u   /* peer hung up (both directions) */
+#define NP_EV_ERR   0x8u
+#define NP_EV_RDHUP 0x10u  /* peer shut down its write side */
+
+typedef struct np_event_s {
+    void *ptr;
+    uint32_t events;
+} np_event_t;
+
+/* ---------------------------------------------------------------- atomics */
+
+#define np_load_acq(p)        __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define np_load_relaxed(p)    __atomic_load_n((p), __ATOMIC_RELAXED)
+#define np_store_rel(p, v)    __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define np_fetch_add(p, v)    __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+#define np_fetch_sub(p, v)    __atomic_fetch_sub((p), (v), __ATOMIC_ACQ_REL)
+
+static inline int np_atomic_inc_int(int *p) { return __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }
+static inline int np_atomic_dec_int(int *p) { return __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL); }
+static inline int np_atomic_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void np_atomic_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline size_t np_atomic_load_size(size_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void np_atomic_store_size(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline size_t np_atomic_add_size(size_t *p, size_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline size_t np_atomic_sub_size(size_t *p, size_t v) { return __atomic_sub_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline uint64_t np_atomic_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline int np_atomic_cas_int(int *p, int expected, int desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* ------------------------------------------------------------------ clock */
+
+static inline int64_t np_monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Absolute CLOCK_MONOTONIC deadline in ns -> timespec, for pthread_cond_timedwait
+ * on a condition variable created with pthread_condattr_setclock(MONOTONIC). */
+static inline void np_ns_to_timespec(int64_t ns, struct timespec *ts) {
+    ts->tv_sec = (time_t)(ns / 1000000000LL);
+    ts->tv_nsec = (long)(ns % 1000000000LL);
+}
+
+/* ------------------------------------------------------- socket helpers */
+
+static inline int np_set_nonblock_cloexec(int fd) {
+    int fl = fcntl(fd, F_GETFL, 0);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -1;
+    fl = fcntl(fd, F_GETFD, 0);
+    if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) < 0) return -1;
+    return 0;
+}
+
+static inline int np_set_nodelay(int fd) {
+    int one = 1;
+    return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+#ifdef MSG_NOSIGNAL
+#define NP_MSG_NOSIGNAL MSG_NOSIGNAL
+static inline int np_set_nosigpipe(int fd) { (void)fd; return 0; }
+#else
+#define NP_MSG_NOSIGNAL 0
+static inline int np_set_nosigpipe(int fd) {
+    int one = 1;
+    return setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one));
+}
+#endif
+
+/* Accept one connection, non-blocking and close-on-exec. */
+static inline int np_accept(int lfd) {
+#if defined(__linux__)
+    return accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+    int fd = accept(lfd, NULL, NULL);
+    if (fd >= 0 && (np_set_nonblock_cloexec(fd) < 0 || np_set_nosigpipe(fd) < 0)) {
+        int e = errno; close(fd); errno = e; return -1;
+    }
+    return fd;
+#endif
+}
+
+/* Is fd a TCP (AF_INET/AF_INET6 stream) socket? Used to decide on TCP_NODELAY. */
+static inline int np_is_inet(int fd) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0) return 0;
+    return ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+}
+
+/* ------------------------------------------------------ readiness (poll) */
+
+#if defined(__linux__)
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+
+static inline int np_poll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+static inline uint32_t np__to_epoll(uint32_t ev) {
+    uint32_t e = 0;
+    if (ev & NP_EV_READ) e |= EPOLLIN | EPOLLRDHUP;
+    if (ev & NP_EV_WRITE) e |= EPOLLOUT;
+    return e;
+}
+
+/* op: 0 add, 1 modify, 2 delete. `old` is the previous mask (unused on epoll). */
+static inline int np_poll_ctl(int pfd, int op, int fd, uint32_t ev, uint32_t old, void *ptr) {
+    struct epoll_event e;
+    (void)old;
+    memset(&e, 0, sizeof(e));
+    e.events = np__to_epoll(ev);
+    e.data.ptr = ptr;
+    return epoll_ctl(pfd, op == 0 ? EPOLL_CTL_ADD : op == 1 ? EPOLL_CTL_MOD : EPOLL_CTL_DEL, fd, &e);
+}
+
+#define NP_POLL_MAX 256
+static inline int np_poll_wait(int pfd, np_event_t *out, int max, int timeout_ms) {
+    struct epoll_event evs[NP_POLL_MAX];
+    int i, n;
+    if (max > NP_POLL_MAX) max = NP_POLL_MAX;
+    n = epoll_wait(pfd, evs, max, timeout_ms);
+    for (i = 0; i < n; i++) {
+        uint32_t e = evs[i].events, r = 0;
+        if (e & (EPOLLIN | EPOLLPRI)) r |= NP_EV_READ;
+        if (e & EPOLLOUT) r |= NP_EV_WRITE;
+        if (e & EPOLLRDHUP) r |= NP_EV_RDHUP | NP_EV_READ;
+        if (e & EPOLLHUP) r |= NP_EV_HUP | NP_EV_READ;
+        if (e & EPOLLERR) r |= NP_EV_ERR | NP_EV_READ;
+        out[i].ptr = evs[i].data.ptr;
+        out[i].events = r;
+    }
+    return n;
+}
+
+/* Wake-up channel: one eventfd used for both ends. */
+static inline int np_wakeup_create(int *rfd, int *wfd) {
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd < 0) return -1;
+    *rfd = *wfd = fd;
+    return 0;
+}
+static inline void np_wakeup_signal(int wfd) {
+    uint64_t one = 1;
+    ssize_t r = write(wfd, &one, sizeof(one));
+    (void)r;
+}
+static inline void np_wakeup_drain(int rfd) {
+    uint64_t v;
+    ssize_t r = read(rfd, &v, sizeof(v));
+    (void)r;
+}
+static inline void np_wakeup_close(int rfd, int wfd) { (void)wfd; close(rfd); }
+
+#else /* kqueue: macOS and the BSDs. Built there, not testable on Linux CI. */
+#include <sys/event.h>
+
+static inline int np_poll_create(void) {
+    int fd = kqueue();
+    if (fd >= 0) fcntl(fd, F_SETFD, FD_CLOEXEC);
+    return fd;
+}
+
+static inline int np_poll_ctl(int pfd, int op, int fd, uint32_t ev, uint32_t old, void *ptr) {
+    struct kevent ch[2];
+    int n = 0;
+    if (op == 2) ev = 0;
+    if ((ev & NP_EV_READ) && (op == 0 || !(old & NP_EV_READ))) {
+        EV_SET(&ch[n++], fd, EVFILT_READ, EV_ADD, 0, 0, ptr);
+    } else if (!(ev & NP_EV_READ) && op != 0 && (old & NP_EV_READ)) {
+        EV_SET(&ch[n++], fd, EVFILT_READ, EV_DELETE, 0, 0, ptr);
+    }
+    if ((ev & NP_EV_WRITE) && (op == 0 || !(old & NP_EV_WRITE))) {
+        EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_ADD, 0, 0, ptr);
+    } else if (!(ev & NP_EV_WRITE) && op != 0 && (old & NP_EV_WRITE)) {
+        EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_DELETE, 0, 0, ptr);
+    }
+    if (n == 0) return 0;
+    return kevent(pfd, ch, n, NULL, 0, NULL);
+}
+
+#define NP_POLL_MAX 256
+static inline int np_poll_wait(int pfd, np_event_t *out, int max, int timeout_ms) {
+    struct kevent evs[NP_POLL_MAX];
+    struct timespec ts, *tp = NULL;
+    int i, n;
+    if (max > NP_POLL_MAX) max = NP_POLL_MAX;
+    if (timeout_ms >= 0) {
+        ts.tv_sec = timeout_ms / 1000;
+        ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+        tp = &ts;
+    }
+    n = kevent(pfd, NULL, 0, evs, max, tp);
+    for (i = 0; i < n; i++) {
+        uint32_t r = 0;
+        if (evs[i].filter == EVFILT_READ) r |= NP_EV_READ;
+        if (evs[i].filter == EVFILT_WRITE) r |= NP_EV_WRITE;
+        if (evs[i].flags & EV_EOF) r |= NP_EV_RDHUP | NP_EV_READ;
+        if (evs[i].flags & EV_ERROR) r |= NP_EV_ERR | NP_EV_READ;
+        out[i].ptr = evs[i].udata;
+        out[i].events = r;
+    }
+    return n;
+}
+
+static inline int np_wakeup_create(int *rfd, int *wfd) {
+    int p[2];
+    if (pipe(p) < 0) return -1;
+    np_set_nonblock_cloexec(p[0]);
+    np_set_nonblock_cloexec(p[1]);
+    *rfd = p[0];
+    *wfd = p[1];
+    return 0;
+}
+static inline void np_wakeup_signal(int wfd) {
+    char c = 1;
+    ssize_t r = write(wfd, &c, 1);
+    (void)r;
+}
+static inline void np_wakeup_drain(int rfd) {
+    char buf[64];
+    while (read(rfd, buf, sizeof(buf)) > 0) {}
+}
+static inline void np_wakeup_close(int rfd, int wfd) { close(rfd); close(wfd); }
+#endif
+
+#endif /* NETPOLL_COMPAT_H */

@@ -1,0 +1,96 @@
+# LinkBuffer: a linked list of nodes over reference-counted chunks from a
+# size-classed pool. The C-level half (np_lb_*) is used by the poller without
+# the GIL; the Python half (LinkBuffer) hands out memory-safe views.
+#
+# Concurrency contract (every np_lb_* call takes the buffer's mutex, so no call
+# can corrupt the structure whatever the interleaving; the contract says which
+# interleavings give meaningful data):
+#   - one "reader" thread (next/peek/skip/until/release/read_*/slice/bytes,
+#     np_lb_iovecs/np_lb_consume) and one "writer" thread (malloc/malloc_ack/
+#     write_*/append/flush, np_lb_reserve/np_lb_commit) may run at the same time;
+#   - the bytes between np_lb_reserve and np_lb_commit are written without the
+#     lock (that is the recv()); while a reservation is open the reader never
+#     frees or resets the tail chunk;
+#   - np_lb_readable() is a lock-free atomic load, safe from any thread.
+#   - close() must not race with other calls on the same buffer (it is still
+#     memory-safe if it does: views keep their chunks alive).
+
+from libc.stdint cimport uint64_t
+from netpoll._core.includes.system cimport iovec, pthread_mutex_t
+
+cdef struct np_chunk_t:
+    char *data
+    size_t cap
+    size_t used          # high-water mark: [0, used) may be referenced; new data only at >= used
+    int refcnt           # atomic: nodes + exported views + open reservations
+    int cls              # pool size class, -1 for a direct allocation
+    uint64_t owner       # id of the only buffer allowed to extend into [used, cap)
+    np_chunk_t *next_free
+
+cdef struct np_node_t:
+    np_chunk_t *chunk
+    size_t off
+    size_t len
+    np_node_t *next
+
+cdef struct np_lb_t:
+    pthread_mutex_t lock
+    np_node_t *head
+    np_node_t *tail
+    size_t readable      # flushed, unconsumed bytes (atomic store on publish)
+    size_t unflushed     # written or malloc'd at the tail, not yet flushed
+    size_t size_hint     # preferred chunk size for new chunks
+    uint64_t id
+    uint64_t total_in    # bytes ever made readable (flush/commit)
+    uint64_t total_out   # bytes ever consumed
+    int reserving
+    int closed
+
+# --- chunk pool (no GIL needed) ---
+cdef np_chunk_t *np_chunk_alloc(size_t size) noexcept nogil
+cdef void np_chunk_incref(np_chunk_t *c) noexcept nogil
+cdef void np_chunk_decref(np_chunk_t *c) noexcept nogil
+
+# --- buffer lifecycle ---
+cdef np_lb_t *np_lb_new(size_t size_hint) noexcept nogil
+cdef void np_lb_clear(np_lb_t *lb) noexcept nogil     # drop all data, keep the buffer usable
+cdef void np_lb_free(np_lb_t *lb) noexcept nogil
+
+# --- poller interface (no GIL) ---
+cdef size_t np_lb_readable(np_lb_t *lb) noexcept nogil
+# Writable space at the tail for a recv(): at least `want` bytes when want > 0
+# (a new chunk if the tail has less), or whatever the tail has. NULL on ENOMEM.
+cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil
+# n bytes of the reservation were filled: they become readable at once.
+cdef void np_lb_commit(np_lb_t *lb, size_t n) noexcept nogil
+# Up to `maxiov` iovecs over the readable bytes; returns the count, *total the byte sum.
+cdef int np_lb_iovecs(np_lb_t *lb, iovec *iov, int maxiov, size_t *total) noexcept nogil
+# Drop n readable bytes from the front (n <= readable), freeing spent nodes.
+cdef void np_lb_consume(np_lb_t *lb, size_t n) noexcept nogil
+# Free consumed memory; when nothing is buffered and no reservation is open,
+# also return the tail chunk so that an idle buffer holds no memory.
+cdef void np_lb_release(np_lb_t *lb) noexcept nogil
+
+
+cdef enum:
+    LB_READ = 1
+    LB_WRITE = 2
+
+
+cdef class LinkBuffer:
+    cdef np_lb_t *lb
+    cdef object __weakref__
+    cdef bint owns             # False when the np_lb_t belongs to a connection
+    cdef int mode              # LB_READ | LB_WRITE: which half of the API is allowed
+    cdef object owner_ref      # keeps the owner of a borrowed np_lb_t alive
+
+    cdef int _check(self, int need) except -1
+    # Hooks for connection buffers: block until n bytes are readable (or raise),
+    # and push flushed bytes out.
+    cdef int _need(self, size_t n) except -1
+    cdef int _after_flush(self) except -1
+    cdef object _view(self, size_t n, bint consume)
+    cdef object _copy(self, size_t n, bint consume)
+    cdef Py_ssize_t _find(self, unsigned char delim) except -2
+    cdef int _write(self, const char *src, size_t n) except -1
+
