@@ -1,10 +1,13 @@
 """netpoll: RPC-style network servers and clients on non-blocking I/O.
 
 CloudWeGo Netpoll's model (an epoll/kqueue poller, zero-copy LinkBuffer,
-an EventLoop calling ``on_request(ctx, conn)``, a Dialer) and goev's Reactor,
-with the poll loop, socket I/O, buffering and timers in Cython without the GIL.
+an EventLoop calling ``on_request(ctx, conn)``, a Dialer) with the poll
+loop, socket I/O, buffering and timers in Cython without the GIL.
 """
+from netpoll._core.connection import Connection, ConnReader, ConnWriter
 from netpoll._core.linkbuffer import LinkBuffer
+from netpoll.config import LoadBalance, configure, set_load_balance, set_num_loops, stats
+from netpoll.dialer import Dialer, dial_connection
 from netpoll.errors import (
     BufferClosedError,
     BufferUnderflowError,
@@ -15,11 +18,26 @@ from netpoll.errors import (
     ReadTimeoutError,
     WriteTimeoutError,
 )
+from netpoll.eventloop import EventLoop
+from netpoll.listener import Listener, create_listener
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LinkBuffer",
+    "Connection",
+    "ConnReader",
+    "ConnWriter",
+    "EventLoop",
+    "Listener",
+    "create_listener",
+    "Dialer",
+    "dial_connection",
+    "LoadBalance",
+    "configure",
+    "set_num_loops",
+    "set_load_balance",
+    "stats",
     "NetpollError",
     "BufferClosedError",
     "BufferUnderflowError",

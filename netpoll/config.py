@@ -1,0 +1,173 @@
+"""Global configuration and the shared poller runtime.
+
+Like Netpoll, all EventLoops and Dialers of a process share one set of
+pollers (``num_loops`` threads) and one worker pool. They start on first use;
+:func:`configure` sets them up before that.
+"""
+from __future__ import annotations
+
+import atexit
+import enum
+import os
+import random
+import threading
+from typing import Any, Callable, List, Optional, Union
+
+from netpoll._core.connection import set_buffer_size as _set_buffer_size
+from netpoll._core.poller import Poller, bind_pool
+from netpoll._core.runner import WorkerPool
+
+__all__ = ["LoadBalance", "configure", "set_num_loops", "set_load_balance", "stats"]
+
+Runner = Union[str, Callable[[Callable[[], None]], Any]]
+
+
+class LoadBalance(enum.Enum):
+    """How new connections are spread over the pollers."""
+
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+
+
+def _check_runner(runner: Runner) -> Runner:
+    if runner in ("pool", "inline") or callable(runner):
+        return runner
+    raise ValueError(f"runner must be 'pool', 'inline' or a callable, got {runner!r}")
+
+
+class _Runtime:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.num_loops = 1
+        self.load_balance = LoadBalance.ROUND_ROBIN
+        self.buffer_size = 8192
+        self.runner: Runner = "pool"
+        self.pool_size = 16
+        self.pollers: List[Poller] = []
+        self.pool: Optional[WorkerPool] = None
+        self.started = False
+        self._rr = 0
+
+    def ensure_started(self) -> None:
+        if self.started:
+            return
+        with self.lock:
+            if self.started:
+                return
+            self._grow(self.num_loops)
+            self.started = True
+
+    def _grow(self, n: int) -> None:
+        while len(self.pollers) < n:
+            p = Poller(len(self.pollers))
+            p.start()
+            self.pollers.append(p)
+
+    def get_pool(self) -> WorkerPool:
+        if self.pool is None:
+            with self.lock:
+                if self.pool is None:
+                    pool = WorkerPool(self.pool_size)
+                    bind_pool(pool)
+                    self.pool = pool
+        return self.pool
+
+    def pick(self) -> Poller:
+        self.ensure_started()
+        n = self.num_loops
+        if self.load_balance is LoadBalance.RANDOM:
+            return self.pollers[random.randrange(n)]
+        self._rr = (self._rr + 1) % n
+        return self.pollers[self._rr]
+
+    def shutdown(self) -> None:
+        for p in self.pollers:
+            p.stop(1.0)
+        if self.pool is not None:
+            self.pool.stop(1.0)
+
+
+_runtime = _Runtime()
+atexit.register(_runtime.shutdown)
+
+
+def configure(
+    num_loops: Optional[int] = None,
+    load_balance: Optional[LoadBalance] = None,
+    buffer_size: Optional[int] = None,
+    runner: Optional[Runner] = None,
+    pool_size: Optional[int] = None,
+) -> None:
+    """Set global options. Call before the first EventLoop or dial.
+
+    num_loops: poller threads (default 1: with the GIL one poller saturates
+    a core; raise it for many connections or free-threaded CPython).
+    buffer_size: preferred size of new buffer chunks in bytes.
+    runner: default runner for EventLoops and dialed connections.
+    pool_size: worker threads of the "pool" runner (default 16).
+    """
+    if num_loops is not None:
+        set_num_loops(num_loops)
+    if load_balance is not None:
+        set_load_balance(load_balance)
+    if buffer_size is not None:
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int):
+            raise TypeError("buffer_size must be an int")
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be >= 1")
+        _runtime.buffer_size = buffer_size
+        _set_buffer_size(buffer_size)
+    if runner is not None:
+        _runtime.runner = _check_runner(runner)
+    if pool_size is not None:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+            raise TypeError("pool_size must be an int")
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        if _runtime.pool is not None:
+            raise RuntimeError("the worker pool is already running; configure() it before first use")
+        _runtime.pool_size = pool_size
+
+
+def set_num_loops(n: int) -> None:
+    """Use n poller threads (n >= 1). More can be added while running."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError("num_loops must be an int")
+    if n < 1:
+        raise ValueError(f"num_loops must be >= 1, got {n}")
+    with _runtime.lock:
+        _runtime.num_loops = n
+        if _runtime.started:
+            _runtime._grow(n)
+
+
+def set_load_balance(lb: LoadBalance) -> None:
+    """Spread new connections over pollers by round robin or at random."""
+    if not isinstance(lb, LoadBalance):
+        raise TypeError("load_balance must be a netpoll.LoadBalance")
+    _runtime.load_balance = lb
+
+
+def stats() -> dict:
+    """Pollers, worker pool and buffer pool figures, for diagnostics."""
+    from netpoll._core.linkbuffer import pool_stats
+
+    return {
+        "num_loops": _runtime.num_loops,
+        "pollers": [p.stats() for p in _runtime.pollers],
+        "pool": None if _runtime.pool is None else {
+            "size": _runtime.pool.size, "pending": _runtime.pool.pending()},
+        "buffers": pool_stats(),
+    }
+
+
+def runtime() -> _Runtime:
+    return _runtime
+
+
+def default_buffer_size() -> int:
+    return _runtime.buffer_size
+
+
+def _num_cpus() -> int:
+    return os.cpu_count() or 1

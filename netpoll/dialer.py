@@ -1,0 +1,116 @@
+"""Clients: ``dial_connection`` and ``Dialer``."""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable, Optional
+
+from netpoll._core.connection import Connection, wrap_socket_fd
+from netpoll.config import runtime
+from netpoll.errors import DialTimeoutError
+from netpoll.listener import parse_address
+
+__all__ = ["Dialer", "dial_connection"]
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be a number of seconds or None")
+    if timeout != timeout or timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+class Dialer:
+    """Makes client connections served by the shared pollers.
+
+    runner: how an ``on_request`` set later with ``conn.set_on_request`` is run
+    ("pool" by default, "inline", or a callable). Timeouts in seconds apply
+    to every connection it makes."""
+
+    def __init__(self, *, runner: Any = None, read_timeout: Optional[float] = None,
+                 write_timeout: Optional[float] = None,
+                 idle_timeout: Optional[float] = None) -> None:
+        from netpoll.config import _check_runner
+
+        self.runner = _check_runner(runner) if runner is not None else None
+        self.read_timeout = _check_timeout(read_timeout)
+        self.write_timeout = _check_timeout(write_timeout)
+        self.idle_timeout = _check_timeout(idle_timeout)
+
+    def dial_connection(self, network: str, address: Any,
+                        timeout: Optional[float] = None,
+                        on_request: Optional[Callable[[Any, Connection], None]] = None
+                        ) -> Connection:
+        """Connect to `address` within `timeout` seconds (None: the OS limit).
+
+        Raises DialTimeoutError when the time runs out, ConnectionRefusedError
+        (a ConnectionError) when nobody listens, FileNotFoundError for a
+        missing Unix socket path."""
+        timeout = _check_timeout(timeout)
+        family, addr = parse_address(network, address)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if family == socket.AF_UNIX:
+            targets = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, addr)]
+        else:
+            host, port = addr
+            try:
+                infos = socket.getaddrinfo(host or "localhost", port, family, socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise ConnectionError(f"cannot resolve {host!r}: {e}") from e
+            targets = [(fam, st, proto, sa) for fam, st, proto, _, sa in infos]
+        last: Optional[BaseException] = None
+        for fam, st, proto, sa in targets:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            sock = socket.socket(fam, st, proto)
+            try:
+                sock.settimeout(left)
+                self._connect(sock, sa, deadline)
+            except socket.timeout:
+                sock.close()
+                last = DialTimeoutError(f"dial {network} {address!r}: timed out after {timeout} s")
+                continue
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            sock.setblocking(False)
+            fd = sock.detach()
+            rt = runtime()
+            poller = rt.pick()
+            runner = self.runner if self.runner is not None else rt.runner
+            pool = rt.get_pool() if runner == "pool" else None
+            return wrap_socket_fd(fd, poller, pool, runner, None, on_request,
+                                  self.read_timeout, self.write_timeout, self.idle_timeout)
+        if last is None:
+            last = DialTimeoutError(f"dial {network} {address!r}: timed out after {timeout} s")
+        raise last
+
+    @staticmethod
+    def _connect(sock: socket.socket, sa: Any, deadline: Optional[float]) -> None:
+        # A Unix connect to a full backlog fails with EAGAIN instead of
+        # waiting; retry until the deadline so the timeout is honoured.
+        delay = 0.0005
+        while True:
+            try:
+                sock.connect(sa)
+                return
+            except BlockingIOError:
+                if sock.family != socket.AF_UNIX:
+                    raise
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise socket.timeout("timed out") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def __repr__(self) -> str:
+        return f"<Dialer runner={self.runner!r}>"
+
+
+def dial_connection(network: str, address: Any, timeout: Optional[float] = None) -> Connection:
+    """``Dialer().dial_connection(network, address, timeout)``."""
+    return Dialer().dial_connection(network, address, timeout)

@@ -1,0 +1,172 @@
+"""The server: ``EventLoop(on_request, ...).serve(listener)``."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, List, Optional, Set
+
+from netpoll._core.connection import Connection
+from netpoll._core.server import Acceptor, accept_connection
+from netpoll.config import _check_runner, runtime
+from netpoll.listener import Listener
+
+__all__ = ["EventLoop"]
+
+log = logging.getLogger("netpoll")
+
+OnRequest = Callable[[Any, Connection], None]
+
+
+def _timeout(name: str, value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None")
+    if value != value or value < 0:
+        raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
+    return float(value)
+
+
+def _callback(name: str, fn: Any, required: bool = False) -> Any:
+    if fn is None and not required:
+        return None
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable")
+    return fn
+
+
+class EventLoop:
+    """Serves connections: calls ``on_request(ctx, conn)`` when data arrives.
+
+    on_prepare(conn) -> ctx runs on the accept path before the connection is
+    registered (it may close it: then nothing else runs); on_connect(ctx,
+    conn) -> ctx runs before the first on_request; on_disconnect(ctx, conn)
+    runs at most once, after on_connect, when the peer closes.
+
+    on_request is called when data arrives into an empty input buffer, never
+    twice at once for one connection, and again after it returns while unread
+    data remains: at once if it consumed something, otherwise when new bytes
+    arrive. runner: "pool" (default; a bounded worker pool, handlers may
+    block), "inline" (on the poller thread; fastest, handlers must not block:
+    a blocking read there stalls that poller's other connections until its
+    bytes arrive or the read timeout passes), or a callable run(task).
+    """
+
+    def __init__(self, on_request: OnRequest, on_prepare: Optional[Callable] = None,
+                 on_connect: Optional[Callable] = None, on_disconnect: Optional[Callable] = None,
+                 read_timeout: Optional[float] = None, write_timeout: Optional[float] = None,
+                 idle_timeout: Optional[float] = None, runner: Any = None,
+                 input_limit: Optional[int] = None) -> None:
+        self.on_request = _callback("on_request", on_request, required=True)
+        self.on_prepare = _callback("on_prepare", on_prepare)
+        self.on_connect = _callback("on_connect", on_connect)
+        self.on_disconnect = _callback("on_disconnect", on_disconnect)
+        self.read_timeout = _timeout("read_timeout", read_timeout)
+        self.write_timeout = _timeout("write_timeout", write_timeout)
+        self.idle_timeout = _timeout("idle_timeout", idle_timeout)
+        self.runner = _check_runner(runner) if runner is not None else None
+        if input_limit is not None and (isinstance(input_limit, bool)
+                                        or not isinstance(input_limit, int)):
+            raise TypeError("input_limit must be an int or None")
+        if input_limit is not None and input_limit < 0:
+            raise ValueError("input_limit must be >= 0")
+        self.input_limit = input_limit or 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._conns: Set[Connection] = set()
+        self._acceptors: List[Acceptor] = []
+        self._listeners: List[Listener] = []
+        self._stopped = threading.Event()
+        self._shutting_down = False
+
+    # -- called by the core, on a poller thread with the GIL --------------
+
+    def _accept(self, fd: int) -> None:
+        rt = runtime()
+        runner = self.runner if self.runner is not None else rt.runner
+        pool = rt.get_pool() if runner == "pool" else None
+        if self._shutting_down:
+            import os
+            os.close(fd)
+            return
+        accept_connection(fd, rt.pick(), pool, runner, self, self.on_request,
+                          self.on_prepare, self.on_connect, self.on_disconnect,
+                          self.read_timeout, self.write_timeout, self.idle_timeout,
+                          self.input_limit)
+
+    def _track(self, conn: Connection) -> None:
+        # Called before the connection is registered, so it cannot close first.
+        with self._lock:
+            self._conns.add(conn)
+
+    def _connection_closed(self, conn: Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+            if not self._conns:
+                self._idle.notify_all()
+
+    # -- public ------------------------------------------------------------
+
+    def serve(self, listener: Listener) -> None:
+        """Accept and serve connections on `listener` until shutdown()."""
+        if not isinstance(listener, Listener):
+            raise TypeError("serve() takes a netpoll Listener (see create_listener)")
+        if listener.closed:
+            raise ValueError("listener is closed")
+        if self._shutting_down:
+            raise RuntimeError("EventLoop was shut down")
+        rt = runtime()
+        rt.ensure_started()
+        if (self.runner or rt.runner) == "pool":
+            rt.get_pool()
+        import os
+        fd = os.dup(listener.fileno())
+        acceptor = Acceptor(fd, rt.pick(), self)
+        with self._lock:
+            self._acceptors.append(acceptor)
+            self._listeners.append(listener)
+        self._stopped.wait()
+
+    def shutdown(self, timeout: Optional[float] = 5.0) -> None:
+        """Stop accepting, let running handlers finish, close every connection.
+
+        Returns once every connection is closed; if `timeout` seconds pass
+        first, the remaining connections are closed at once and TimeoutError
+        is raised. serve() returns None after this."""
+        timeout = _timeout("timeout", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._shutting_down = True
+            acceptors, self._acceptors = self._acceptors, []
+            listeners, self._listeners = self._listeners, []
+            conns = list(self._conns)
+        for a in acceptors:
+            a.close()
+        for lst in listeners:
+            lst.close()
+        for conn in conns:
+            conn._close_when_done()
+        timed_out = False
+        with self._lock:
+            while self._conns:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    timed_out = True
+                    break
+                self._idle.wait(left)
+            rest = list(self._conns)
+        for conn in rest:
+            conn.close()
+        self._stopped.set()
+        if timed_out:
+            raise TimeoutError(f"shutdown: {len(rest)} connection(s) still busy after {timeout} s")
+
+    @property
+    def connections(self) -> int:
+        """Open connections served by this loop."""
+        with self._lock:
+            return len(self._conns)
+
+    def __repr__(self) -> str:
+        return f"<EventLoop runner={self.runner!r} connections={self.connections}>"
