@@ -16,14 +16,21 @@ pool_stats = _lbmod.pool_stats
 pool_trim = _lbmod.pool_trim
 
 STREAM_BYTES = 128 * 1024 * 1024
-MAX_BACKLOG = 8 * 1024 * 1024
+MAX_BACKLOG = 2 * 1024 * 1024
+# mostly small reads (many interleavings with the writer), some big ones
+READ_SIZES = (1, 7, 100, 512, 1000, 4096, 4097, 8192, 10_000, 65_536, 300_000)
 THREAD_DEADLINE = 240.0
 
 
 @pytest.mark.stress
 @pytest.mark.timeout(300)
-def test_one_writer_one_reader_stream():
-    rng0 = random.Random(1234)
+@pytest.mark.parametrize("seed,profile", [(1, "mixed"), (2, "mixed"), (3, "mixed"), (4, "small")])
+def test_one_writer_one_reader_stream(seed, profile):
+    """'mixed': 128 MiB in chunks of 1 B..600 KiB; 'small': 16 MiB in chunks of
+    1..2000 B, for many more writer/reader interleavings."""
+    total = STREAM_BYTES if profile == "mixed" else 16 * 1024 * 1024
+    read_sizes = READ_SIZES if profile == "mixed" else (1, 3, 50, 200, 999, 2000)
+    rng0 = random.Random(1234 + seed)
     pool = rng0.randbytes(1 << 20)
     pool_mv = memoryview(pool)
     buf = LinkBuffer()
@@ -33,6 +40,8 @@ def test_one_writer_one_reader_stream():
     result = {}
 
     def chunk_size(rng):
+        if profile == "small":
+            return rng.randint(1, 2000)
         r = rng.random()
         if r < 0.15:
             return rng.randint(1, 64)
@@ -43,32 +52,58 @@ def test_one_writer_one_reader_stream():
         return rng.randint(100_001, 600_000)
 
     def writer():
+        # `pending` mirrors the unflushed bytes (write_direct inserts into the
+        # middle of them, malloc_ack cuts them), so the checksum covers the
+        # bytes in the order they must come out.
         try:
-            rng = random.Random(1)
+            rng = random.Random(seed)
             crc = 0
             written = 0
-            while written < STREAM_BYTES and not stop.is_set():
+            pending = bytearray()
+            while written < total and not stop.is_set():
                 while len(buf) > MAX_BACKLOG and not stop.is_set():
                     time.sleep(0.0005)
-                n = min(chunk_size(rng), STREAM_BYTES - written)
+                n = min(chunk_size(rng), total - written)
                 off = rng.randrange(0, len(pool) - n + 1)
                 piece = pool_mv[off:off + n]
                 kind = rng.random()
-                if kind < 0.45:
+                if kind < 0.4:
                     assert buf.write_binary(piece) == n
-                elif kind < 0.9:
+                    pending += piece
+                elif kind < 0.75:
                     m = buf.malloc(n)
                     m[:] = piece
-                else:
+                    pending += piece
+                elif kind < 0.85:
                     # malloc too much, fill a prefix, give the rest back
                     m = buf.malloc(n + 100)
                     m[:n] = piece
                     buf.malloc_ack(buf.malloc_len() - 100)
-                crc = zlib.crc32(piece, crc)
+                    pending += piece
+                elif kind < 0.93:
+                    r = rng.randint(0, len(pending))
+                    buf.write_direct(piece, r)
+                    pending[len(pending) - r:len(pending) - r] = piece
+                elif kind < 0.97:
+                    other = LinkBuffer()
+                    other.write_binary(piece)
+                    buf.append(other)
+                    other.close()
+                    pending += piece
+                else:
+                    k = min(n, 200)
+                    for b in piece[:k]:
+                        buf.write_byte(b)
+                    pending += piece[:k]
+                    n = k
+                assert buf.malloc_len() == len(pending)
                 written += n
                 if rng.random() < 0.7:
                     buf.flush()
+                    crc = zlib.crc32(pending, crc)
+                    pending.clear()
             buf.flush()
+            crc = zlib.crc32(pending, crc)
             result["w"] = (written, crc)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(("writer", e))
@@ -78,11 +113,12 @@ def test_one_writer_one_reader_stream():
 
     def reader():
         try:
-            rng = random.Random(2)
+            rng = random.Random(seed + 100)
             crc = 0
             got = 0
             recent = []  # (view, crc) of views handed out earlier: must never change
             reads = 0
+            overlapped = 0  # reads done while the writer was still writing
             while not stop.is_set():
                 avail = len(buf)
                 if avail == 0:
@@ -90,7 +126,7 @@ def test_one_writer_one_reader_stream():
                         break
                     time.sleep(0)
                     continue
-                n = min(avail, rng.choice((1, 7, 512, 4096, 10_000, 65_536, 300_000)))
+                n = min(avail, rng.choice(read_sizes))
                 kind = rng.random()
                 if kind < 0.4:
                     v = buf.next(n)
@@ -101,7 +137,14 @@ def test_one_writer_one_reader_stream():
                     b = buf.read_binary(n)
                     assert len(b) == n
                     crc = zlib.crc32(b, crc)
-                elif kind < 0.85:
+                elif kind < 0.75:
+                    try:
+                        v = buf.until(rng.randrange(256))
+                    except IndexError:  # not buffered yet: nothing consumed
+                        continue
+                    n = len(v)
+                    crc = zlib.crc32(v, crc)
+                elif kind < 0.87:
                     p = buf.peek(n)
                     c = zlib.crc32(p)
                     buf.skip(n)
@@ -114,12 +157,14 @@ def test_one_writer_one_reader_stream():
                     s.close()
                 got += n
                 reads += 1
+                if not done_writing.is_set():
+                    overlapped += 1
                 if reads % 8 == 0:
                     buf.release()
                     for v, c in recent:
                         assert zlib.crc32(v) == c, "a view changed after release"
                     del recent[:-16]
-            result["r"] = (got, crc, reads)
+            result["r"] = (got, crc, reads, overlapped)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(("reader", e))
             stop.set()
@@ -140,11 +185,13 @@ def test_one_writer_one_reader_stream():
         raise AssertionError(f"{who} thread failed: {err!r}") from err
     assert not alive, "writer/reader did not finish in time"
     written, wcrc = result["w"]
-    got, rcrc, reads = result["r"]
-    assert written == STREAM_BYTES
+    got, rcrc, reads, overlapped = result["r"]
+    print(f"stream: {written} bytes, {reads} reads, {overlapped} while writing")
+    assert written == total
     assert got == written
     assert rcrc == wcrc
     assert reads > 1000
+    assert overlapped > 100, "reader and writer did not actually run concurrently"
     assert len(buf) == 0 and buf.malloc_len() == 0
     buf.close()
 
@@ -225,7 +272,7 @@ def test_no_leak_after_a_million_ops():
         gc.collect()
         snap0 = tracemalloc.take_snapshot()
         t0 = time.monotonic()
-        ops = _mixed_ops(60_000, seed=1)
+        ops = _mixed_ops(70_000, seed=1)
         elapsed = time.monotonic() - t0
         gc.collect()
         mid = pool_stats()

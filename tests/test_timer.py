@@ -9,6 +9,7 @@ import gc
 import heapq
 import itertools
 import random
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -516,6 +517,31 @@ def test_cycle_through_payload_is_collected():
     heap.push(2, [holder, heap])
     del heap, holder
     gc.collect()  # must neither crash nor leave the heap half-cleared and used
+
+
+def test_no_leak_of_timer_structs():
+    # PyMem_RawMalloc is traced by tracemalloc, so leaked timers (or arrays)
+    # would show up as growth proportional to the number of timers.
+    def churn():
+        heap = TimerHeap()
+        hs = [heap.push(i % 97, None) for i in range(20_000)]
+        for h in hs[::3]:
+            heap.cancel(h)
+        heap.pop_expired(50)
+        heap.check_invariants()
+        # The rest are freed with the heap.
+
+    churn()  # warm up caches and free lists
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5):
+            churn()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown  # 100,000 leaked timers would be megabytes
 
 
 # ------------------------------------------------------------ C API, misc

@@ -478,9 +478,6 @@ cdef Py_ssize_t _size_arg(object n, str what) except -1:
         raise ValueError(f"{what} is too large: {n}") from None
 
 
-cdef object _EMPTY = PyMemoryView_FromObject(b"")
-
-
 cdef class LinkBuffer:
     """A chain of pooled memory chunks with Netpoll's reader and writer API.
 
@@ -549,7 +546,8 @@ cdef class LinkBuffer:
         cdef char *p = NULL
         self._need(n)
         if n == 0:
-            return _EMPTY
+            # A fresh view each time: a shared one could be released by anyone.
+            return PyMemoryView_FromObject(b"")
         pthread_mutex_lock(&lb.lock)
         if lb.closed or lb.readable < n:
             pthread_mutex_unlock(&lb.lock)
@@ -648,17 +646,26 @@ cdef class LinkBuffer:
         """
         cdef Py_ssize_t idx
         cdef int d
+        cdef Py_buffer pb
         self._check(LB_READ)
         if isinstance(delim, int):
             if not 0 <= delim <= 255:
                 raise ValueError(f"delimiter must be in 0..255, got {delim}")
             d = delim
-        elif isinstance(delim, (bytes, bytearray, memoryview)):
-            if len(delim) != 1:
-                raise ValueError(f"delimiter must be exactly one byte, got {len(delim)}")
-            d = delim[0]
+        elif isinstance(delim, str):
+            raise TypeError("delimiter must be an int or one byte, not str")
         else:
-            raise TypeError(f"delimiter must be an int or one byte, not {type(delim).__name__}")
+            try:
+                PyObject_GetBuffer(delim, &pb, PyBUF_SIMPLE)
+            except TypeError:
+                raise TypeError(f"delimiter must be an int or one byte, "
+                                f"not {type(delim).__name__}") from None
+            try:
+                if pb.len != 1:
+                    raise ValueError(f"delimiter must be exactly one byte, got {pb.len}")
+                d = (<unsigned char *>pb.buf)[0]
+            finally:
+                PyBuffer_Release(&pb)
         while True:
             idx = self._find(<unsigned char>d)
             if idx >= 0:

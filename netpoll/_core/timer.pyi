@@ -9,6 +9,9 @@ from typing import Any, final
 def monotonic_ns() -> int:
     """The CLOCK_MONOTONIC time in nanoseconds (the clock of every deadline)."""
 
+def _selftest_c_api() -> None:
+    """Exercise C-level paths TimerHeap cannot reach; AssertionError on failure."""
+
 @final
 class TimerHeap:
     """A timer heap that owns its timers: fires in (when_ns, push order) order."""
@@ -24,6 +27,10 @@ class TimerHeap:
     def cancel(self, handle: int) -> bool:
         """True if the timer was scheduled and is now cancelled; False for any
         other int. TypeError for a non-int."""
+    def reschedule(self, handle: int, when_ns: int) -> bool:
+        """Re-arm a scheduled timer at when_ns (behind timers already waiting
+        for that deadline), keeping handle and payload; False if the handle
+        is not scheduled."""
     def pop_expired(self, now_ns: int) -> list[tuple[int, int, Any]]:
         """Remove and return every timer with when_ns <= now_ns as
         (when_ns, handle, payload), in firing order."""

@@ -40,7 +40,7 @@ cdef enum:
 
 cdef inline bint _before(const np_timer_t *a, const np_timer_t *b) noexcept nogil:
     # Strict (when, seq) order; seq values are unique, so no two timers tie.
-    return a.when < b.when
+    return a.when < b.when or (a.when == b.when and a.seq < b.seq)
 
 
 cdef inline void _sift_up(np_timer_heap_t *h, Py_ssize_t i) noexcept nogil:
@@ -258,8 +258,8 @@ cdef class TimerHeap:
     Each ``push`` allocates one timer and returns a handle: a distinct int,
     increasing over the heap's lifetime and never reused. Timers fire in
     ``(when_ns, push order)`` order. The heap keeps each payload alive until
-    its timer fires or is cancelled. Not thread-safe: use from one thread (or
-    under the GIL, as all its methods are).
+    its timer fires or is cancelled. Relies on the GIL: no method lets other
+    Python code run while the C heap and the handle table disagree.
     """
 
     def __cinit__(self):
