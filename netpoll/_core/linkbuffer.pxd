@@ -16,7 +16,7 @@
 #     memory-safe if it does: views keep their chunks alive).
 
 from libc.stdint cimport uint64_t
-from netpoll._core.includes.system cimport iovec, pthread_mutex_t
+from netpoll._core.includes.system cimport iovec, np_spin_t
 
 cdef struct np_chunk_t:
     char *data
@@ -34,7 +34,7 @@ cdef struct np_node_t:
     np_node_t *next
 
 cdef struct np_lb_t:
-    pthread_mutex_t lock
+    np_spin_t lock
     np_node_t *head
     np_node_t *tail
     size_t readable      # flushed, unconsumed bytes (atomic store on publish)
@@ -65,8 +65,9 @@ cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil
 cdef void np_lb_commit(np_lb_t *lb, size_t n) noexcept nogil
 # Up to `maxiov` iovecs over the readable bytes; returns the count, *total the byte sum.
 cdef int np_lb_iovecs(np_lb_t *lb, iovec *iov, int maxiov, size_t *total) noexcept nogil
-# Drop n readable bytes from the front (n <= readable), freeing spent nodes.
-cdef void np_lb_consume(np_lb_t *lb, size_t n) noexcept nogil
+# Drop n readable bytes from the front (n <= readable), freeing spent nodes;
+# with release, also what np_lb_release frees (one lock round-trip for both).
+cdef void np_lb_consume(np_lb_t *lb, size_t n, bint release) noexcept nogil
 # Free consumed memory; when nothing is buffered and no reservation is open,
 # also return the tail chunk so that an idle buffer holds no memory.
 cdef void np_lb_release(np_lb_t *lb) noexcept nogil

@@ -24,8 +24,7 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memcpy, memchr, memset
 
 from netpoll._core.includes.system cimport (
-    iovec, pthread_mutex_t, pthread_mutex_init, pthread_mutex_destroy,
-    pthread_mutex_lock, pthread_mutex_unlock,
+    iovec, np_spin_t, np_spin_init, np_spin_lock, np_spin_unlock,
     np_atomic_inc_int, np_atomic_dec_int, np_atomic_load_size, np_atomic_store_size,
 )
 
@@ -50,12 +49,12 @@ cdef struct pool_class_t:
     size_t cached
     size_t in_use
 
-cdef pthread_mutex_t pool_lock
+cdef np_spin_t pool_lock
 cdef pool_class_t pool_classes[NUM_CLASSES]
 cdef size_t direct_in_use = 0
 cdef size_t direct_bytes = 0
 cdef uint64_t next_buffer_id = 1
-pthread_mutex_init(&pool_lock, NULL)
+np_spin_init(&pool_lock)
 memset(pool_classes, 0, sizeof(pool_classes))
 
 
@@ -78,19 +77,19 @@ cdef np_chunk_t *np_chunk_alloc(size_t size) noexcept nogil:
     cdef size_t cap
     if cls >= 0:
         cap = <size_t>1 << (MIN_CLASS_SHIFT + cls)
-        pthread_mutex_lock(&pool_lock)
+        np_spin_lock(&pool_lock)
         c = pool_classes[cls].free
         if c != NULL:
             pool_classes[cls].free = c.next_free
             pool_classes[cls].cached -= 1
         pool_classes[cls].in_use += 1
-        pthread_mutex_unlock(&pool_lock)
+        np_spin_unlock(&pool_lock)
         if c == NULL:
             c = <np_chunk_t *>PyMem_RawMalloc(sizeof(np_chunk_t) + cap)
             if c == NULL:
-                pthread_mutex_lock(&pool_lock)
+                np_spin_lock(&pool_lock)
                 pool_classes[cls].in_use -= 1
-                pthread_mutex_unlock(&pool_lock)
+                np_spin_unlock(&pool_lock)
                 return NULL
     else:
         if size > (<size_t>-1) - sizeof(np_chunk_t):
@@ -99,10 +98,10 @@ cdef np_chunk_t *np_chunk_alloc(size_t size) noexcept nogil:
         c = <np_chunk_t *>PyMem_RawMalloc(sizeof(np_chunk_t) + cap)
         if c == NULL:
             return NULL
-        pthread_mutex_lock(&pool_lock)
+        np_spin_lock(&pool_lock)
         direct_in_use += 1
         direct_bytes += cap
-        pthread_mutex_unlock(&pool_lock)
+        np_spin_unlock(&pool_lock)
     c.data = <char *>(c + 1)
     c.cap = cap
     c.used = 0
@@ -124,19 +123,19 @@ cdef void np_chunk_decref(np_chunk_t *c) noexcept nogil:
     cdef int cls = c.cls
     cdef bint keep = False
     if cls >= 0:
-        pthread_mutex_lock(&pool_lock)
+        np_spin_lock(&pool_lock)
         pool_classes[cls].in_use -= 1
         if (pool_classes[cls].cached + 1) * c.cap <= CACHE_BYTES_PER_CLASS:
             c.next_free = pool_classes[cls].free
             pool_classes[cls].free = c
             pool_classes[cls].cached += 1
             keep = True
-        pthread_mutex_unlock(&pool_lock)
+        np_spin_unlock(&pool_lock)
     else:
-        pthread_mutex_lock(&pool_lock)
+        np_spin_lock(&pool_lock)
         direct_in_use -= 1
         direct_bytes -= c.cap
-        pthread_mutex_unlock(&pool_lock)
+        np_spin_unlock(&pool_lock)
     if not keep:
         PyMem_RawFree(c)
 
@@ -148,7 +147,7 @@ def pool_stats():
     cdef int i
     cdef size_t size, in_use = 0, cached = 0, bytes_in_use = 0, bytes_cached = 0
     classes = {}
-    pthread_mutex_lock(&pool_lock)
+    np_spin_lock(&pool_lock)
     try:
         for i in range(NUM_CLASSES):
             size = <size_t>1 << (MIN_CLASS_SHIFT + i)
@@ -167,7 +166,7 @@ def pool_stats():
             "classes": classes,
         }
     finally:
-        pthread_mutex_unlock(&pool_lock)
+        np_spin_unlock(&pool_lock)
     return result
 
 
@@ -177,11 +176,11 @@ def pool_trim():
     cdef np_chunk_t *c
     cdef np_chunk_t *nxt
     for i in range(NUM_CLASSES):
-        pthread_mutex_lock(&pool_lock)
+        np_spin_lock(&pool_lock)
         c = pool_classes[i].free
         pool_classes[i].free = NULL
         pool_classes[i].cached = 0
-        pthread_mutex_unlock(&pool_lock)
+        np_spin_unlock(&pool_lock)
         while c != NULL:
             nxt = c.next_free
             PyMem_RawFree(c)
@@ -309,27 +308,26 @@ cdef np_lb_t *np_lb_new(size_t size_hint) noexcept nogil:
     if lb == NULL:
         return NULL
     memset(lb, 0, sizeof(np_lb_t))
-    pthread_mutex_init(&lb.lock, NULL)
+    np_spin_init(&lb.lock)
     lb.size_hint = size_hint if size_hint > 0 else DEFAULT_CHUNK
-    pthread_mutex_lock(&pool_lock)
+    np_spin_lock(&pool_lock)
     lb.id = next_buffer_id
     next_buffer_id += 1
-    pthread_mutex_unlock(&pool_lock)
+    np_spin_unlock(&pool_lock)
     return lb
 
 
 cdef void np_lb_clear(np_lb_t *lb) noexcept nogil:
-    pthread_mutex_lock(&lb.lock)
+    np_spin_lock(&lb.lock)
     if not lb.reserving:
         _drop_all(lb)
-    pthread_mutex_unlock(&lb.lock)
+    np_spin_unlock(&lb.lock)
 
 
 cdef void np_lb_free(np_lb_t *lb) noexcept nogil:
     if lb == NULL:
         return
     _drop_all(lb)
-    pthread_mutex_destroy(&lb.lock)
     PyMem_RawFree(lb)
 
 
@@ -342,10 +340,10 @@ cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil:
     cdef np_chunk_t *c = NULL
     cdef char *p
     cap[0] = 0
-    pthread_mutex_lock(&lb.lock)
+    np_spin_lock(&lb.lock)
     if lb.closed or lb.reserving or lb.unflushed:
         # Input buffers have no writer-side data, and one reservation at a time.
-        pthread_mutex_unlock(&lb.lock)
+        np_spin_unlock(&lb.lock)
         return NULL
     if want == 0:
         want = 1
@@ -361,23 +359,23 @@ cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil:
     if c == NULL:
         c = np_chunk_alloc(want if want > lb.size_hint else lb.size_hint)
         if c == NULL:
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
             return NULL
         c.owner = lb.id
         if _node_append(lb, c, 0, 0) == NULL:
             np_chunk_decref(c)
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
             return NULL
     lb.reserving = 1
     cap[0] = c.cap - c.used
     p = c.data + c.used
-    pthread_mutex_unlock(&lb.lock)
+    np_spin_unlock(&lb.lock)
     return p
 
 
 cdef void np_lb_commit(np_lb_t *lb, size_t n) noexcept nogil:
     cdef np_node_t *t
-    pthread_mutex_lock(&lb.lock)
+    np_spin_lock(&lb.lock)
     if lb.reserving:
         lb.reserving = 0
         if n > 0 and not lb.closed:
@@ -385,14 +383,14 @@ cdef void np_lb_commit(np_lb_t *lb, size_t n) noexcept nogil:
             t.chunk.used += n
             t.len += n
             _publish(lb, n)
-    pthread_mutex_unlock(&lb.lock)
+    np_spin_unlock(&lb.lock)
 
 
 cdef int np_lb_iovecs(np_lb_t *lb, iovec *iov, int maxiov, size_t *total) noexcept nogil:
     cdef np_node_t *node
     cdef size_t left, k, sum = 0
     cdef int cnt = 0
-    pthread_mutex_lock(&lb.lock)
+    np_spin_lock(&lb.lock)
     left = lb.readable
     node = lb.head
     while left > 0 and cnt < maxiov and node != NULL:
@@ -404,25 +402,27 @@ cdef int np_lb_iovecs(np_lb_t *lb, iovec *iov, int maxiov, size_t *total) noexce
             sum += k
             left -= k
         node = node.next
-    pthread_mutex_unlock(&lb.lock)
+    np_spin_unlock(&lb.lock)
     total[0] = sum
     return cnt
 
 
-cdef void np_lb_consume(np_lb_t *lb, size_t n) noexcept nogil:
-    pthread_mutex_lock(&lb.lock)
+cdef void np_lb_consume(np_lb_t *lb, size_t n, bint release) noexcept nogil:
+    np_spin_lock(&lb.lock)
     if n > lb.readable:
         n = lb.readable
     if n > 0:
         _consume(lb, n)
-    pthread_mutex_unlock(&lb.lock)
+    if release and lb.readable == 0 and lb.unflushed == 0 and not lb.reserving:
+        _drop_all(lb)
+    np_spin_unlock(&lb.lock)
 
 
 cdef void np_lb_release(np_lb_t *lb) noexcept nogil:
-    pthread_mutex_lock(&lb.lock)
+    np_spin_lock(&lb.lock)
     if lb.readable == 0 and lb.unflushed == 0 and not lb.reserving:
         _drop_all(lb)
-    pthread_mutex_unlock(&lb.lock)
+    np_spin_unlock(&lb.lock)
 
 # ------------------------------------------------------------ Python views
 
@@ -548,9 +548,9 @@ cdef class LinkBuffer:
         if n == 0:
             # A fresh view each time: a shared one could be released by anyone.
             return PyMemoryView_FromObject(b"")
-        pthread_mutex_lock(&lb.lock)
+        np_spin_lock(&lb.lock)
         if lb.closed or lb.readable < n:
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
             self._check(LB_READ)
             raise BufferUnderflowError(f"need {n} bytes")
         node = _first_data_node(lb)
@@ -560,7 +560,7 @@ cdef class LinkBuffer:
             np_chunk_incref(c)
             if consume:
                 _consume(lb, n)
-        pthread_mutex_unlock(&lb.lock)
+        np_spin_unlock(&lb.lock)
         if c != NULL:
             return _export(c, p, n, True)
         return PyMemoryView_FromObject(self._copy(n, consume))
@@ -573,23 +573,23 @@ cdef class LinkBuffer:
         cdef bint ok = True
         if n >= COPY_NOGIL_MIN:
             with nogil:
-                pthread_mutex_lock(&lb.lock)
+                np_spin_lock(&lb.lock)
                 if lb.closed or lb.readable < n:
                     ok = False
                 else:
                     _copy_out(lb, dst, n)
                     if consume:
                         _consume(lb, n)
-                pthread_mutex_unlock(&lb.lock)
+                np_spin_unlock(&lb.lock)
         else:
-            pthread_mutex_lock(&lb.lock)
+            np_spin_lock(&lb.lock)
             if lb.closed or lb.readable < n:
                 ok = False
             else:
                 _copy_out(lb, dst, n)
                 if consume:
                     _consume(lb, n)
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
         if not ok:
             self._check(LB_READ)
             raise BufferUnderflowError(f"need {n} bytes")
@@ -602,7 +602,7 @@ cdef class LinkBuffer:
         cdef size_t left, k, base = 0
         cdef const char *hit
         cdef Py_ssize_t found = -1
-        pthread_mutex_lock(&lb.lock)
+        np_spin_lock(&lb.lock)
         left = lb.readable
         node = lb.head
         while left > 0 and node != NULL:
@@ -615,7 +615,7 @@ cdef class LinkBuffer:
             base += k
             left -= k
             node = node.next
-        pthread_mutex_unlock(&lb.lock)
+        np_spin_unlock(&lb.lock)
         return found
 
     def next(self, n):
@@ -634,10 +634,10 @@ cdef class LinkBuffer:
         cdef size_t k = <size_t>_size_arg(n, "n")
         self._need(k)
         if k:
-            pthread_mutex_lock(&self.lb.lock)
+            np_spin_lock(&self.lb.lock)
             if self.lb.readable >= k:
                 _consume(self.lb, k)
-            pthread_mutex_unlock(&self.lb.lock)
+            np_spin_unlock(&self.lb.lock)
 
     def until(self, delim):
         """Consume and return the bytes up to and including the first `delim`.
@@ -704,14 +704,14 @@ cdef class LinkBuffer:
         cdef int b
         self._check(LB_READ)
         self._need(1)
-        pthread_mutex_lock(&self.lb.lock)
+        np_spin_lock(&self.lb.lock)
         if self.lb.readable < 1:
-            pthread_mutex_unlock(&self.lb.lock)
+            np_spin_unlock(&self.lb.lock)
             raise BufferUnderflowError("need 1 byte")
         node = _first_data_node(self.lb)
         b = <unsigned char>node.chunk.data[node.off]
         _consume(self.lb, 1)
-        pthread_mutex_unlock(&self.lb.lock)
+        np_spin_unlock(&self.lb.lock)
         return b
 
     def slice(self, n):
@@ -727,9 +727,9 @@ cdef class LinkBuffer:
         cdef np_node_t *node
         cdef size_t left = k, take
         cdef bint oom = False
-        pthread_mutex_lock(&src.lock)
+        np_spin_lock(&src.lock)
         if src.closed or src.readable < k:
-            pthread_mutex_unlock(&src.lock)
+            np_spin_unlock(&src.lock)
             self._check(LB_READ)
             raise BufferUnderflowError(f"need {k} bytes")
         node = src.head
@@ -745,7 +745,7 @@ cdef class LinkBuffer:
             node = node.next
         if not oom:
             _consume(src, k)
-        pthread_mutex_unlock(&src.lock)
+        np_spin_unlock(&src.lock)
         if oom:
             raise MemoryError()
         _publish(dst, k)
@@ -778,13 +778,13 @@ cdef class LinkBuffer:
         cdef char *p
         if k == 0:
             return PyMemoryView_FromObject(bytearray())
-        pthread_mutex_lock(&lb.lock)
+        np_spin_lock(&lb.lock)
         p = _extend(lb, k)
         if p != NULL:
             lb.unflushed += k
             c = lb.tail.chunk
             np_chunk_incref(c)
-        pthread_mutex_unlock(&lb.lock)
+        np_spin_unlock(&lb.lock)
         if p == NULL:
             raise MemoryError(f"cannot allocate {k} bytes")
         return _export(c, p, k, False)
@@ -802,9 +802,9 @@ cdef class LinkBuffer:
         cdef np_node_t *node
         cdef np_node_t *nxt
         cdef size_t keep, acc = 0
-        pthread_mutex_lock(&lb.lock)
+        np_spin_lock(&lb.lock)
         if k > lb.unflushed:
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
             raise ValueError(f"malloc_ack({k}) exceeds malloc_len() = {lb.unflushed}")
         keep = lb.readable + k
         node = lb.head
@@ -823,7 +823,7 @@ cdef class LinkBuffer:
             acc += node.len
             node = node.next
         lb.unflushed = k
-        pthread_mutex_unlock(&lb.lock)
+        np_spin_unlock(&lb.lock)
 
     cdef int _write(self, const char *src, size_t n) except -1:
         cdef np_lb_t *lb = self.lb
@@ -832,19 +832,19 @@ cdef class LinkBuffer:
             return 0
         if n >= COPY_NOGIL_MIN:
             with nogil:
-                pthread_mutex_lock(&lb.lock)
+                np_spin_lock(&lb.lock)
                 p = _extend(lb, n)
                 if p != NULL:
                     memcpy(p, src, n)
                     lb.unflushed += n
-                pthread_mutex_unlock(&lb.lock)
+                np_spin_unlock(&lb.lock)
         else:
-            pthread_mutex_lock(&lb.lock)
+            np_spin_lock(&lb.lock)
             p = _extend(lb, n)
             if p != NULL:
                 memcpy(p, src, n)
                 lb.unflushed += n
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
         if p == NULL:
             raise MemoryError(f"cannot allocate {n} bytes")
         return 0
@@ -927,7 +927,7 @@ cdef class LinkBuffer:
             mid.chunk = c
             mid.off = 0
             mid.len = <size_t>pb.len
-            pthread_mutex_lock(&lb.lock)
+            np_spin_lock(&lb.lock)
             pos = lb.readable + lb.unflushed - <size_t>remain
             node = lb.head
             while acc + node.len < pos:   # pos > 0 holds: remain <= unflushed, remain > 0 ...
@@ -947,7 +947,7 @@ cdef class LinkBuffer:
             if lb.tail == node:
                 lb.tail = second
             lb.unflushed += <size_t>pb.len
-            pthread_mutex_unlock(&lb.lock)
+            np_spin_unlock(&lb.lock)
         finally:
             PyBuffer_Release(&pb)
 
@@ -968,8 +968,8 @@ cdef class LinkBuffer:
         cdef np_node_t *node
         cdef size_t moved = 0
         cdef bint oom = False
-        pthread_mutex_lock(&first.lock)
-        pthread_mutex_lock(&second.lock)
+        np_spin_lock(&first.lock)
+        np_spin_lock(&second.lock)
         node = src.head
         while node != NULL and moved < src.readable:
             if node.len > 0:
@@ -984,8 +984,8 @@ cdef class LinkBuffer:
             dst.unflushed += moved
             src.total_out += moved
             _drop_all(src)
-        pthread_mutex_unlock(&second.lock)
-        pthread_mutex_unlock(&first.lock)
+        np_spin_unlock(&second.lock)
+        np_spin_unlock(&first.lock)
         if oom:
             raise MemoryError()
 
@@ -993,11 +993,11 @@ cdef class LinkBuffer:
         """Make every written byte readable (for a connection: send it)."""
         self._check(LB_WRITE)
         cdef np_lb_t *lb = self.lb
-        pthread_mutex_lock(&lb.lock)
+        np_spin_lock(&lb.lock)
         if lb.unflushed:
             _publish(lb, lb.unflushed)
             lb.unflushed = 0
-        pthread_mutex_unlock(&lb.lock)
+        np_spin_unlock(&lb.lock)
         self._after_flush()
 
     def close(self):
@@ -1005,11 +1005,11 @@ cdef class LinkBuffer:
         called. Views and slices handed out earlier stay valid."""
         if self.lb == NULL or not self.owns:
             return
-        pthread_mutex_lock(&self.lb.lock)
+        np_spin_lock(&self.lb.lock)
         self.lb.closed = 1
         if not self.lb.reserving:
             _drop_all(self.lb)
-        pthread_mutex_unlock(&self.lb.lock)
+        np_spin_unlock(&self.lb.lock)
 
     def __repr__(self):
         if self.lb == NULL or self.lb.closed:

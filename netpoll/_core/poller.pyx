@@ -22,7 +22,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
-    iovec, msghdr, recv, sendmsg, shutdown, SHUT_WR, close, poll, pollfd, POLLIN, POLLOUT,
+    iovec, msghdr, recv, send, sendmsg, shutdown, SHUT_WR, close, poll, pollfd, POLLIN, POLLOUT,
     errno, EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED,
     ETIMEDOUT, EBADF,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
@@ -30,7 +30,7 @@ from netpoll._core.includes.system cimport (
     np_cond_init_monotonic, np_event_t, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR,
     NP_EV_RDHUP, NP_POLL_MAX, NP_MSG_NOSIGNAL,
     np_atomic_inc_int, np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int,
-    np_atomic_cas_int, np_monotonic_ns, np_accept, np_set_nodelay, np_is_inet,
+    np_atomic_cas_int, np_atomic_load_uint, np_monotonic_ns, np_accept, np_set_nodelay, np_is_inet,
     np_poll_create, np_poll_ctl, np_poll_wait, np_wakeup_create, np_wakeup_signal,
     np_wakeup_drain, np_wakeup_close,
 )
@@ -142,11 +142,20 @@ cdef int _send_all(np_conn_t *c) noexcept nogil:
         if cnt == 0:
             np_lb_release(c.outbuf)
             return 0
-        msg.msg_iov = iov
-        msg.msg_iovlen = cnt
-        r = sendmsg(c.fd, &msg, NP_MSG_NOSIGNAL)
+        if cnt == 1:
+            # One region (the common reply): send() skips msghdr/iovec import.
+            r = send(c.fd, iov[0].iov_base, iov[0].iov_len, NP_MSG_NOSIGNAL)
+        else:
+            msg.msg_iov = iov
+            msg.msg_iovlen = cnt
+            r = sendmsg(c.fd, &msg, NP_MSG_NOSIGNAL)
         if r >= 0:
-            np_lb_consume(c.outbuf, <size_t>r)
+            if <size_t>r == total and cnt < MAX_IOV:
+                # Everything readable was sent: done without another look.
+                # (A concurrent flusher waits for CF_SENDING and sends itself.)
+                np_lb_consume(c.outbuf, <size_t>r, True)
+                return 0
+            np_lb_consume(c.outbuf, <size_t>r, False)
             continue
         if errno == EINTR:
             continue
@@ -387,8 +396,11 @@ cdef void _on_readable(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil
     cdef int st
     cdef size_t got
     cdef bint sched
-    pthread_mutex_lock(&c.lock)
-    if c.flags & (CF_FD_CLOSED | CF_PEER_EOF | CF_ERROR | CF_PAUSED | CF_LIMITED | CF_CLOSING):
+    # CF_FD_CLOSED is only set on this thread; the other bits are hints here
+    # and re-checked under the lock below, so a relaxed read is enough.
+    if np_atomic_load_uint(&c.flags) & (CF_FD_CLOSED | CF_PEER_EOF | CF_ERROR | CF_PAUSED
+                                        | CF_LIMITED | CF_CLOSING):
+        pthread_mutex_lock(&c.lock)
         # Reading is off; a hang-up is reported regardless of the mask. Leave
         # the set unless output is pending; resume/teardown re-register.
         if not (c.flags & (CF_WANT_WRITE | CF_FD_CLOSED)) and c.events != 0:
@@ -396,7 +408,6 @@ cdef void _on_readable(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil
                 c.events = 0
         pthread_mutex_unlock(&c.lock)
         return
-    pthread_mutex_unlock(&c.lock)
     st = _read_socket(c, now, &got)
     pthread_mutex_lock(&c.lock)
     _after_read_locked(c, st, got, now)

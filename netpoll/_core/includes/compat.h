@@ -55,6 +55,40 @@ static inline int np_atomic_cas_int(int *p, int expected, int desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+static inline unsigned int np_atomic_load_uint(unsigned int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+/* ------------------------------------------------------------- spinlock */
+
+/* A test-and-test-and-set lock for the LinkBuffer and chunk-pool critical
+ * sections: a handful of instructions, never held across a syscall or the
+ * GIL. Uncontended it is one atomic exchange and one store, inlined (a
+ * pthread mutex costs two calls through the PLT). Under contention it spins
+ * briefly, then yields so a preempted holder can run. */
+#include <sched.h>
+typedef struct { int v; } np_spin_t;
+
+static inline void np_spin_init(np_spin_t *l) { l->v = 0; }
+
+static inline void np_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline void np_spin_lock(np_spin_t *l) {
+    int spins = 0;
+    while (__atomic_exchange_n(&l->v, 1, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(&l->v, __ATOMIC_RELAXED)) {
+            if (++spins < 128) np_cpu_relax();
+            else { sched_yield(); spins = 0; }
+        }
+    }
+}
+
+static inline void np_spin_unlock(np_spin_t *l) { __atomic_store_n(&l->v, 0, __ATOMIC_RELEASE); }
+
 /* ------------------------------------------------------------------ clock */
 
 static inline int64_t np_monotonic_ns(void) {

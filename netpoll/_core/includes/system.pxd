@@ -118,6 +118,13 @@ cdef extern from "compat.h" nogil:
     int NP_POLL_MAX
     int NP_MSG_NOSIGNAL
 
+    ctypedef struct np_spin_t:
+        int v
+    void np_spin_init(np_spin_t *l)
+    void np_spin_lock(np_spin_t *l)
+    void np_spin_unlock(np_spin_t *l)
+    unsigned int np_atomic_load_uint(unsigned int *p)
+
     int np_atomic_inc_int(int *p)
     int np_atomic_dec_int(int *p)
     int np_atomic_load_int(int *p)
