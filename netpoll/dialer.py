@@ -102,9 +102,13 @@ class Dialer:
             except BlockingIOError:
                 if sock.family != socket.AF_UNIX:
                     raise
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise socket.timeout("timed out") from None
-                time.sleep(delay)
+                pause = delay
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout("timed out") from None
+                    pause = min(pause, left)
+                time.sleep(pause)
                 delay = min(delay * 2, 0.05)
 
     def __repr__(self) -> str:

@@ -141,8 +141,12 @@ class EventLoop:
             acceptors, self._acceptors = self._acceptors, []
             listeners, self._listeners = self._listeners, []
             conns = list(self._conns)
+        # Refuse new connects at once (Linux: a listening socket shut down for
+        # reading stops taking SYNs), then let each poller close its copy.
+        for lst in listeners:
+            lst._stop_listening()
         for a in acceptors:
-            a.close()
+            a.close(1.0)
         for lst in listeners:
             lst.close()
         for conn in conns:

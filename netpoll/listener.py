@@ -84,6 +84,12 @@ class Listener:
                 except OSError:
                     pass
 
+    def _stop_listening(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass          # not supported for this family: closing will do
+
     @property
     def closed(self) -> bool:
         return self._sock.fileno() < 0

@@ -21,7 +21,7 @@ from netpoll._core.linkbuffer cimport (
 from netpoll._core.poller cimport (
     Operator, Poller, np_conn_t, np_conn_new, np_conn_decref, np_poller_submit,
     np_on_poller_thread, np_update_mask_locked, np_send_locked, np_read_direct,
-    np_flush_async, np_schedule_process,
+    np_flush_async, np_schedule_process, np_poller_kick,
     OP_CONN, RUN_POOL, RUN_INLINE, RUN_CUSTOM,
     TASK_TEARDOWN, TASK_ARM_IDLE, TASK_RESUME,
     CF_CLOSING, CF_USER_CLOSED, CF_PEER_EOF, CF_ERROR, CF_RUNNING, CF_SENDING,
@@ -403,6 +403,9 @@ cdef class Connection(Operator):
             if user and not (c.flags & CF_USER_CLOSED):
                 c.flags |= CF_USER_CLOSED
                 pthread_cond_broadcast(&c.cond)
+                pthread_mutex_unlock(&c.lock)
+                np_poller_kick(c.poller)
+                return 0
             pthread_mutex_unlock(&c.lock)
             return 0
         c.flags |= CF_CLOSING
@@ -412,6 +415,7 @@ cdef class Connection(Operator):
         if c.waiters:
             pthread_cond_broadcast(&c.cond)
         pthread_mutex_unlock(&c.lock)
+        np_poller_kick(c.poller)     # an inline handler may be blocked reading
         callbacks = self._close_callbacks
         self._close_callbacks = []
         for cb in reversed(callbacks):

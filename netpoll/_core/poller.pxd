@@ -143,6 +143,7 @@ cdef void np_update_mask_locked(np_conn_t *c) noexcept nogil
 cdef int np_send_locked(np_conn_t *c) noexcept nogil
 cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil
 cdef void np_flush_async(np_conn_t *c) noexcept nogil
+cdef void np_poller_kick(np_poller_t *p) noexcept nogil
 cdef void np_schedule_process(np_conn_t *c) noexcept nogil   # RUNNING set by the caller
 cdef void np_pool_item(void *item) noexcept
 

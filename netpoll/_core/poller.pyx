@@ -270,10 +270,12 @@ cdef int _after_read_locked(np_conn_t *c, int st, size_t got, int64_t now) noexc
 cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
     """Blocking read on the poller thread itself (an inline handler waiting for
     c.want bytes): poll() this one socket, stalling the poller's other
-    connections until the bytes arrive, the peer leaves or `deadline` passes.
-    Returns 0 when c.want bytes are readable, 1 peer closed, 2 closed by us,
-    3 timeout, or an errno."""
-    cdef pollfd pfd
+    connections until the bytes arrive, the peer leaves, the connection is
+    closed from another thread (the wake-up fd is polled too) or `deadline`
+    passes. Returns 0 when c.want bytes are readable, 1 peer closed, 2 closed
+    by us, 3 timeout, or an errno."""
+    cdef pollfd pfds[2]
+    cdef np_poller_t *p = c.poller
     cdef int64_t now
     cdef int ms, st, r
     cdef size_t got
@@ -285,7 +287,7 @@ cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
         if c.flags & CF_USER_CLOSED:
             pthread_mutex_unlock(&c.lock)
             return 2
-        if c.flags & (CF_PEER_EOF | CF_ERROR | CF_FD_CLOSED):
+        if c.flags & (CF_PEER_EOF | CF_ERROR | CF_FD_CLOSED | CF_CLOSING):
             pthread_mutex_unlock(&c.lock)
             return 1
         pthread_mutex_unlock(&c.lock)
@@ -296,17 +298,34 @@ cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
             ms = <int>((deadline - now + 999999) // 1000000)
         else:
             ms = -1
-        pfd.fd = c.fd
-        pfd.events = POLLIN
-        pfd.revents = 0
-        r = poll(&pfd, 1, ms)
+        pfds[0].fd = c.fd
+        pfds[0].events = POLLIN
+        pfds[0].revents = 0
+        pfds[1].fd = p.wake_r
+        pfds[1].events = POLLIN
+        pfds[1].revents = 0
+        r = poll(pfds, 2, ms)
         if r < 0 and errno != EINTR:
             return errno
-        st = _read_socket(c, np_monotonic_ns(), &got)
-        pthread_mutex_lock(&c.lock)
-        _after_read_locked(c, st, got, np_monotonic_ns())
+        if pfds[1].revents:
+            # Another thread wants this poller (a close, a task): the tasks
+            # stay queued for the loop, which checks them after this handler.
+            np_atomic_store_int(&p.wake_pending, 0)
+            np_wakeup_drain(p.wake_r)
+        if pfds[0].revents:
+            st = _read_socket(c, np_monotonic_ns(), &got)
+            pthread_mutex_lock(&c.lock)
+            _after_read_locked(c, st, got, np_monotonic_ns())
+        else:
+            pthread_mutex_lock(&c.lock)
     pthread_mutex_unlock(&c.lock)
     return 0
+
+
+cdef void np_poller_kick(np_poller_t *p) noexcept nogil:
+    """Wake p's thread from epoll_wait or a direct read (any thread)."""
+    if p != NULL and not np_on_poller_thread(p) and np_atomic_cas_int(&p.wake_pending, 0, 1):
+        np_wakeup_signal(p.wake_w)
 
 
 cdef void np_flush_async(np_conn_t *c) noexcept nogil:

@@ -8,3 +8,4 @@ cdef class Acceptor(Operator):
     cdef Poller poller
     cdef object server        # netpoll.EventLoop: callbacks, config, bookkeeping
     cdef readonly bint closed
+    cdef readonly object torn_down   # threading.Event: the poller closed the fd

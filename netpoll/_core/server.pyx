@@ -2,6 +2,7 @@
 
 import logging
 import os
+import threading
 
 from netpoll._core.includes.system cimport close, EMFILE, ENFILE
 from netpoll._core.poller cimport (
@@ -30,6 +31,7 @@ cdef class Acceptor(Operator):
         self.poller = poller
         self.server = server
         self.closed = False
+        self.torn_down = threading.Event()
         poller._register(self)
 
     cdef int _on_poller_event(self) except -1:
@@ -39,7 +41,7 @@ cdef class Acceptor(Operator):
         fds = [l.accepted[i] for i in range(n)]
         l.naccepted = 0
         l.accept_errno = 0
-        if err:
+        if err and not self.closed:
             if err in (EMFILE, ENFILE):
                 log.warning("netpoll: accept paused for 50 ms: %s", os.strerror(err))
             else:
@@ -58,17 +60,23 @@ cdef class Acceptor(Operator):
 
     cdef int _on_teardown(self) except -1:
         self.poller.unregister(self)
+        self.torn_down.set()
         return 0
 
-    def close(self):
-        """Stop accepting; the poller closes the listening fd."""
-        if self.closed or self.op == NULL:
+    def close(self, timeout=1.0):
+        """Stop accepting; the poller closes the listening fd. Waits up to
+        `timeout` seconds for that to happen."""
+        if self.op == NULL:
             return
-        self.closed = True
-        np_poller_submit(self.op.poller, TASK_TEARDOWN, self.op, <void *>1)
+        if not self.closed:
+            self.closed = True
+            np_poller_submit(self.op.poller, TASK_TEARDOWN, self.op, <void *>1)
+        self.torn_down.wait(timeout)
 
     def __dealloc__(self):
         if self.op != NULL:
+            if not (self.op.flags & CF_FD_CLOSED) and self.op.fd >= 0:
+                close(self.op.fd)       # never registered (constructor failed)
             self.op.pyobj = NULL
             np_conn_decref(self.op)
             self.op = NULL
