@@ -3,9 +3,9 @@
 
 The whole measurement runs in C without the GIL: every worker thread owns an
 epoll fd and a slice of the connections (non-blocking sockets, level-triggered
-epoll, ``sendmsg``/``recv``), generates each request's payload, verifies every
-byte of the reply against what it sent and records the latency of each request
-in a log-linear histogram (HdrHistogram-like, ~1.6 % bucket width). Worker 0
+epoll, ``sendmsg``/``recv``), sends each request, verifies every byte of the
+reply against what it sent and records the latency of each request in a
+log-linear histogram (HdrHistogram-like, 64 sub-buckets per power of two). Worker 0
 runs on the calling thread; workers 1.. are started with ``pthread_create``.
 No Python object is touched between the start and the end of the run.
 
@@ -17,19 +17,24 @@ Request shapes (``mode``):
   ``size`` bytes of body (Netpoll's benchmark shape); the reply must be the same
   frame, header included.
 
-Payloads differ per message: each 8-byte word of the body is a per-thread
-random base pattern XORed with a 64-bit key mixed from the connection id and
-the connection's message counter, so a stale or misrouted reply is detected
-as well as a corrupted byte. A reply whose bytes differ counts one error
-(``verify_errors``) and is not counted as a request; bytes arriving beyond what
-was sent, a reset, an EOF or a failed connect count as errors too and the
-connection is re-dialled after a short back-off, all within the run's deadline.
+Payloads differ per message: each body is a window of a 1 MiB random
+pattern (per worker) starting at an offset drawn from the connection id and
+its message counter, so consecutive messages differ everywhere and a stale or
+misrouted reply is detected as well as a corrupted byte. Nothing is generated
+or copied per message on the client side: ``sendmsg`` points into the pattern
+and replies are compared against it with ``memcmp``.
+
+A reply whose bytes differ counts one error (``verify_errors``) and is not
+counted as a request; bytes arriving beyond what was sent, a reset, an EOF or a
+failed connect count as errors too and the connection is re-dialled after a
+short back-off, all within the run's deadline.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memcmp, memcpy, memset, strncpy, strlen
+from libc.string cimport memcmp, memcpy, memset
 
+import os as _os
 import resource as _resource
 
 
@@ -60,8 +65,6 @@ cdef extern from *:
     }
     static inline int lg_errno(void) { return errno; }
     static inline int lg_msb64(uint64_t v) { return 63 - __builtin_clzll(v); }
-    static inline uint64_t lg_load64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-    static inline void lg_store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
     static inline uint64_t lg_mix64(uint64_t z) {      /* splitmix64 finaliser */
         z += 0x9E3779B97F4A7C15ULL;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -74,8 +77,6 @@ cdef extern from *:
     int64_t lg_thread_cpu_ns() nogil
     int lg_errno() nogil
     int lg_msb64(uint64_t v) nogil
-    uint64_t lg_load64(const uint8_t *p) nogil
-    void lg_store64(uint8_t *p, uint64_t v) nogil
     uint64_t lg_mix64(uint64_t z) nogil
     int lg_errno_is_again(int e) nogil
 
@@ -172,6 +173,8 @@ cdef enum:
     HIST_BUCKETS = 2048        # log-linear: 64 sub-buckets per power of two, ns, up to ~68 s
     MAX_EVENTS = 512
     SCRATCH_LEN = 262144
+    PATTERN_LEN = 1048576      # bodies start at 8-aligned offsets below this
+    MAX_IOV = 64
     ST_IDLE = 0                # waiting for its back-off to end
     ST_CONNECTING = 1
     ST_ACTIVE = 2
@@ -193,27 +196,29 @@ cdef struct Conn:
     uint64_t gen_pos         # bytes generated (queued) on the current socket
     uint64_t send_pos        # bytes the kernel accepted
     uint64_t recv_pos        # bytes received and verified
+    uint64_t win_done        # requests completed in the measured window
     int64_t retry_at
-    uint8_t *ring            # pipeline * msg_len bytes: the in-flight messages
+    uint32_t *offs           # pipeline slots: pattern offset of each in-flight body
     int64_t *t_sent          # pipeline slots: when each in-flight message was issued
 
 cdef struct Worker:
     # configuration
     int nconns
     Conn *conns
-    uint8_t *arena
+    uint32_t *offs_arena
     int64_t *times
-    uint8_t *base            # body pattern, size bytes (+8 padding)
+    uint8_t *pattern         # PATTERN_LEN + size random bytes: bodies are windows of it
+    uint8_t hdr[4]           # framed mode: the big-endian length every frame starts with
     uint8_t *scratch
     int size
     int msg_len
     int pipeline
-    uint64_t cap             # pipeline * msg_len
     int framed
     int family
     sockaddr_storage addr
     socklen_t addrlen
     int notify_fd            # worker 0 only: writes b"S" at window start, b"E" at the end
+    int spin                 # poll with a zero timeout instead of sleeping in epoll_wait
     int64_t win_start
     int64_t win_end
     # state
@@ -226,9 +231,11 @@ cdef struct Worker:
     uint64_t io_errors
     uint64_t connect_errors
     uint64_t connects
+    uint64_t starved
     uint64_t lat_sum
     uint64_t lat_max
     int64_t cpu_ns
+    int64_t spin_idle_ns     # spin mode: time in polls that found nothing, in the window
     int64_t measured_ns
     int setup_failed
     uint64_t hist[HIST_BUCKETS]
@@ -297,56 +304,46 @@ cdef void conn_fail(Worker *w, Conn *c, int64_t now) noexcept nogil:
     w.n_idle += 1
 
 cdef inline void gen_msg(Worker *w, Conn *c, int64_t now) noexcept nogil:
-    """Append the next message of c to its ring (a slot is known to be free)."""
-    cdef uint64_t seq = c.gen_pos // <uint64_t>w.msg_len
-    cdef uint64_t slot = seq % <uint64_t>w.pipeline
-    cdef uint8_t *dst = c.ring + slot * <uint64_t>w.msg_len
-    cdef uint8_t *body = dst
-    cdef uint64_t key
-    cdef int i, n8, size = w.size
-    cdef uint32_t ln
-    if w.framed:
-        ln = <uint32_t>size
-        dst[0] = <uint8_t>(ln >> 24)
-        dst[1] = <uint8_t>(ln >> 16)
-        dst[2] = <uint8_t>(ln >> 8)
-        dst[3] = <uint8_t>ln
-        body = dst + 4
-    key = lg_mix64((c.ident << 40) ^ c.counter)
+    """Queue the next message of c (its slot is known to be free): pick its body window."""
+    cdef uint64_t slot = (c.gen_pos // <uint64_t>w.msg_len) % <uint64_t>w.pipeline
+    cdef uint64_t key = lg_mix64((c.ident << 40) ^ c.counter)
     c.counter += 1
-    n8 = size & ~7
-    i = 0
-    while i < n8:
-        lg_store64(body + i, lg_load64(w.base + i) ^ key)
-        i += 8
-    while i < size:
-        body[i] = w.base[i] ^ <uint8_t>(key >> (8 * (i & 7)))
-        i += 1
+    c.offs[slot] = <uint32_t>((key % (PATTERN_LEN // 8)) * 8)
     c.t_sent[slot] = now
     c.gen_pos += <uint64_t>w.msg_len
 
+cdef inline const uint8_t *stream_ptr(Worker *w, Conn *c, uint64_t pos, uint64_t *run) noexcept nogil:
+    """The bytes c sent at stream position pos, and how many follow contiguously (*run)."""
+    cdef uint64_t ml = <uint64_t>w.msg_len
+    cdef uint64_t o = pos % ml
+    cdef uint64_t slot = (pos // ml) % <uint64_t>w.pipeline
+    if w.framed:
+        if o < 4:
+            run[0] = 4 - o
+            return w.hdr + o
+        run[0] = ml - o
+        return w.pattern + c.offs[slot] + (o - 4)
+    run[0] = ml - o
+    return w.pattern + c.offs[slot] + o
+
 cdef int do_send(Worker *w, Conn *c) noexcept nogil:
     """Send what is queued; keep EPOLLOUT in the interest set while some is left. -1: failed."""
-    cdef iovec iov[2]
+    cdef iovec iov[MAX_IOV]
     cdef msghdr mh
-    cdef uint64_t start, pending, first
+    cdef uint64_t pos, run
     cdef ssize_t n
-    cdef int e
+    cdef int e, k
     memset(&mh, 0, sizeof(mh))
     mh.msg_iov = iov
     while c.send_pos < c.gen_pos:
-        pending = c.gen_pos - c.send_pos
-        start = c.send_pos % w.cap
-        first = w.cap - start
-        if first > pending:
-            first = pending
-        iov[0].iov_base = c.ring + start
-        iov[0].iov_len = first
-        mh.msg_iovlen = 1
-        if pending > first:
-            iov[1].iov_base = c.ring
-            iov[1].iov_len = pending - first
-            mh.msg_iovlen = 2
+        pos = c.send_pos
+        k = 0
+        while pos < c.gen_pos and k < MAX_IOV:
+            iov[k].iov_base = <void *>stream_ptr(w, c, pos, &run)
+            iov[k].iov_len = run
+            pos += run
+            k += 1
+        mh.msg_iovlen = k
         n = sendmsg(c.fd, &mh, MSG_NOSIGNAL)
         if n < 0:
             e = lg_errno()
@@ -413,7 +410,8 @@ cdef int do_read(Worker *w, Conn *c) noexcept nogil:
     cdef int e, rounds = 0
     cdef int64_t now
     cdef uint8_t *p
-    cdef uint64_t left, off, seg, ml = <uint64_t>w.msg_len, slot, lat, limit
+    cdef uint64_t left, off, seg, ml = <uint64_t>w.msg_len, slot, lat, run
+    cdef const uint8_t *ptr
     cdef int excess
     while rounds < 4:
         rounds += 1
@@ -437,15 +435,14 @@ cdef int do_read(Worker *w, Conn *c) noexcept nogil:
             left = c.send_pos - c.recv_pos
         while left > 0:
             off = c.recv_pos % ml
-            seg = ml - off
-            if seg > left:
-                seg = left
-            if memcmp(p, c.ring + (c.recv_pos % w.cap), seg) != 0:
+            ptr = stream_ptr(w, c, c.recv_pos, &run)
+            seg = left if left < run else run
+            if memcmp(p, ptr, seg) != 0:
                 c.cur_bad = 1
             c.recv_pos += seg
             p += seg
             left -= seg
-            if off + seg == ml:
+            if off + seg == ml:      # (a framed header is its own segment: off + 4 < ml)
                 slot = ((c.recv_pos - 1) // ml) % <uint64_t>w.pipeline
                 if c.cur_bad:
                     w.verify_errors += 1
@@ -453,6 +450,7 @@ cdef int do_read(Worker *w, Conn *c) noexcept nogil:
                 elif now >= w.win_start and now < w.win_end:
                     lat = <uint64_t>(now - c.t_sent[slot])
                     w.requests += 1
+                    c.win_done += 1
                     w.bytes += ml
                     w.lat_sum += lat
                     if lat > w.lat_max:
@@ -514,8 +512,10 @@ cdef void *worker_main(void *arg) noexcept nogil:
             wait_ns = w.win_start - now
         if w.n_idle > 0 and wait_ns > 5000000:
             wait_ns = 5000000
-        timeout_ms = <int>(wait_ns // 1000000) + 1
+        timeout_ms = 0 if w.spin else <int>(wait_ns // 1000000) + 1
         n = epoll_wait(w.epfd, events, MAX_EVENTS, timeout_ms)
+        if n == 0 and w.spin and started:
+            w.spin_idle_ns += lg_now_ns() - now
         if n < 0:
             if lg_errno() == EINTR:
                 continue
@@ -562,6 +562,8 @@ cdef void *worker_main(void *arg) noexcept nogil:
         write(w.notify_fd, &mark, 1)
     for i in range(w.nconns):
         c = &w.conns[i]
+        if c.win_done == 0:
+            w.starved += 1
         if c.fd >= 0:
             close(c.fd)
             c.fd = -1
@@ -582,7 +584,7 @@ cdef int resolve(str host, int port, object unix_path, sockaddr_storage *out, so
     cdef bytes bhost, bport, bpath
     memset(out, 0, sizeof(sockaddr_storage))
     if unix_path is not None:
-        bpath = unix_path.encode() if isinstance(unix_path, str) else bytes(unix_path)
+        bpath = _os.fsencode(unix_path)
         if len(bpath) >= 108:
             raise ValueError("unix_path too long")
         un = <sockaddr_un *>out
@@ -624,7 +626,7 @@ def _raise_nofile(int needed):
 
 def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, int size=64,
         double duration=1.0, str mode="echo", int pipeline=1, int threads=1, double warmup=0.5,
-        int notify_fd=-1, int seed=0x5eed):
+        int notify_fd=-1, bint spin=False, int seed=0x5eed):
     """Drive an echo or framed server and measure it.
 
     ``connections`` connections are spread over ``threads`` worker threads; each
@@ -633,7 +635,10 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     then ``duration`` seconds are measured. The GIL is released for the whole run.
     ``notify_fd``, if >= 0, receives one byte ``b"S"`` when the measured window
     starts and ``b"E"`` when it ends (used by bench/run_bench.py to sample the
-    server's CPU time over exactly that window).
+    server's CPU time over exactly that window). ``spin=True`` polls epoll with a
+    zero timeout instead of sleeping: the generator never waits to be woken up,
+    which takes its own wake-up latency out of the round trip (useful when it
+    has a core to itself); its CPU use then reads 100 % and means nothing.
 
     Returns a dict: ``requests`` (verified replies completed in the window),
     ``seconds`` (window length), ``rps``, ``p50_us``/``p90_us``/``p99_us``/``p999_us``/
@@ -641,7 +646,10 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     (``verify_errors`` + ``io_errors`` + ``connect_errors``, over the whole run),
     ``bytes`` (request bytes echoed back in the window, frame headers included),
     ``client_cpu_s`` (the generator's own CPU time in the window, all threads),
-    ``connects`` and the configuration.
+    ``client_busy_s`` (the same less the time spent in empty polls with ``spin``),
+    ``connects`` (successful connects, re-dials included), ``starved_connections``
+    (connections that completed no request in the window: a stuck server or an
+    unfair one shows here) and the configuration.
     """
     cdef sockaddr_storage addr
     cdef socklen_t addrlen = 0
@@ -652,13 +660,14 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     cdef Conn *allconns = NULL
     cdef pthread_t *tids = NULL
     cdef int *started = NULL
-    cdef uint64_t cap, rnd
+    cdef uint64_t rnd
+    cdef uint64_t *pw
     cdef int64_t t0
     cdef double wdur = duration, wwarm = warmup
     cdef uint64_t hist[HIST_BUCKETS]
-    cdef uint64_t requests = 0, nbytes = 0, verr = 0, ioerr = 0, cerr = 0, conns_made = 0
+    cdef uint64_t requests = 0, nbytes = 0, verr = 0, ioerr = 0, cerr = 0, conns_made = 0, starved = 0
     cdef uint64_t lat_sum = 0, lat_max = 0
-    cdef int64_t cpu_ns = 0, measured_ns = 0
+    cdef int64_t cpu_ns = 0, measured_ns = 0, spin_idle_ns = 0
     cdef int setup_failed = 0
 
     if mode not in ("echo", "framed"):
@@ -677,9 +686,10 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
         raise ValueError("warmup must be >= 0")
     nthreads = threads if threads <= connections else connections
     msg_len = size + (4 if mode == "framed" else 0)
-    cap = <uint64_t>msg_len * <uint64_t>pipeline
-    if cap * <uint64_t>connections > (<uint64_t>1 << 34):
-        raise ValueError("connections * pipeline * size too large (> 16 GiB of in-flight data)")
+    if pipeline > 65536:
+        raise ValueError("pipeline must be <= 65536")
+    if size > (1 << 30):
+        raise ValueError("size must be <= 1 GiB")
 
     resolve(host, port, unix_path, &addr, &addrlen, &family)
     _raise_nofile(connections + 64)
@@ -702,28 +712,33 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             w.size = size
             w.msg_len = msg_len
             w.pipeline = pipeline
-            w.cap = cap
             w.framed = 1 if mode == "framed" else 0
             w.family = family
             memcpy(&w.addr, &addr, sizeof(addr))
             w.addrlen = addrlen
             w.notify_fd = notify_fd if t == 0 else -1
+            w.spin = 1 if spin else 0
             w.epfd = -1
-            w.arena = <uint8_t *>malloc(<size_t>(cap * <uint64_t>w.nconns))
+            w.offs_arena = <uint32_t *>malloc(sizeof(uint32_t) * <size_t>(pipeline * w.nconns))
             w.times = <int64_t *>malloc(sizeof(int64_t) * <size_t>(pipeline * w.nconns))
-            w.base = <uint8_t *>malloc(<size_t>size + 8)
+            w.pattern = <uint8_t *>malloc(<size_t>PATTERN_LEN + <size_t>size + 8)
             w.scratch = <uint8_t *>malloc(SCRATCH_LEN)
-            if w.arena == NULL or w.times == NULL or w.base == NULL or w.scratch == NULL:
+            if w.offs_arena == NULL or w.times == NULL or w.pattern == NULL or w.scratch == NULL:
                 raise MemoryError()
             rnd = <uint64_t>seed * 0x100000001ULL + <uint64_t>t
-            for i in range(size + 8):
+            pw = <uint64_t *>w.pattern        # malloc'd memory is 8-aligned
+            for i in range((PATTERN_LEN + size + 8) // 8):
                 rnd = lg_mix64(rnd)
-                w.base[i] = <uint8_t>rnd
+                pw[i] = rnd
+            w.hdr[0] = <uint8_t>(<uint32_t>size >> 24)
+            w.hdr[1] = <uint8_t>(<uint32_t>size >> 16)
+            w.hdr[2] = <uint8_t>(<uint32_t>size >> 8)
+            w.hdr[3] = <uint8_t>(<uint32_t>size)
             for i in range(w.nconns):
                 w.conns[i].fd = -1
                 w.conns[i].index = <uint32_t>i
                 w.conns[i].ident = <uint64_t>(k - w.nconns + i)
-                w.conns[i].ring = w.arena + cap * <uint64_t>i
+                w.conns[i].offs = w.offs_arena + pipeline * i
                 w.conns[i].t_sent = w.times + pipeline * i
         t0 = lg_now_ns()
         for t in range(nthreads):
@@ -750,10 +765,12 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             ioerr += w.io_errors
             cerr += w.connect_errors
             conns_made += w.connects
+            starved += w.starved
             lat_sum += w.lat_sum
             if w.lat_max > lat_max:
                 lat_max = w.lat_max
             cpu_ns += w.cpu_ns
+            spin_idle_ns += w.spin_idle_ns
             if w.measured_ns > measured_ns:
                 measured_ns = w.measured_ns
             setup_failed |= w.setup_failed
@@ -778,7 +795,9 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             "connect_errors": cerr,
             "bytes": nbytes,
             "client_cpu_s": cpu_ns / 1e9,
+            "client_busy_s": (cpu_ns - spin_idle_ns) / 1e9 if spin else cpu_ns / 1e9,
             "connects": conns_made,
+            "starved_connections": starved,
             "connections": connections,
             "threads": nthreads,
             "size": size,
@@ -787,9 +806,9 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
         }
     finally:
         for t in range(nthreads):
-            free(workers[t].arena)
+            free(workers[t].offs_arena)
             free(workers[t].times)
-            free(workers[t].base)
+            free(workers[t].pattern)
             free(workers[t].scratch)
         free(workers)
         free(allconns)

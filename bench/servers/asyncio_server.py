@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""asyncio (or uvloop) echo and length-prefixed RPC servers for bench/run_bench.py.
+
+    python bench/servers/asyncio_server.py --mode echo --port 0 [--uvloop]
+    python bench/servers/asyncio_server.py --mode framed --unix /tmp/x.sock
+
+Protocol-based, the fast asyncio style: ``data_received`` + ``transport.write``.
+``framed``: 4-byte big-endian length + body; each complete frame is answered
+with the same frame. Prints ``READY <port>`` (or ``READY <path>``) once listening.
+SIGTERM/SIGINT stop it.
+"""
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import sys
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class EchoProtocol(asyncio.Protocol):
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Parse 4-byte big-endian length-prefixed frames and answer each with itself."""
+
+    __slots__ = ("transport", "buf")
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = bytearray()
+
+    def data_received(self, data):
+        buf = self.buf
+        if buf:
+            buf += data
+            data = buf
+        n = len(data)
+        pos = 0
+        write = self.transport.write
+        while n - pos >= 4:
+            end = pos + 4 + int.from_bytes(data[pos:pos + 4], "big")
+            if end > n:
+                break
+            if pos == 0 and end == n and data is not buf:
+                write(data)                 # the common case: exactly one frame
+            else:
+                write(data[pos:end])        # a copy, so later edits of buf cannot alter it
+            pos = end
+        if data is buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
+async def serve(args):
+    loop = asyncio.get_running_loop()
+    factory = EchoProtocol if args.mode == "echo" else FramedProtocol
+    if args.unix:
+        try:
+            os.unlink(args.unix)
+        except FileNotFoundError:
+            pass
+        server = await loop.create_unix_server(factory, args.unix, backlog=args.backlog)
+        where = args.unix
+    else:
+        server = await loop.create_server(factory, args.host, args.port, backlog=args.backlog,
+                                          reuse_address=True)
+        where = server.sockets[0].getsockname()[1]
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    sys.stdout.write(f"READY {where}\n")
+    sys.stdout.flush()
+    async with server:
+        await stop
+    server.close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("echo", "framed"), default="echo")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 lets the OS choose (printed in READY)")
+    ap.add_argument("--unix", default=None, help="listen on this Unix socket path instead")
+    ap.add_argument("--backlog", type=int, default=4096)
+    ap.add_argument("--uvloop", action="store_true", help="run on uvloop (uvloop.install())")
+    args = ap.parse_args(argv)
+    raise_nofile()
+    if args.uvloop:
+        import uvloop
+        if hasattr(uvloop, "run"):      # uvloop >= 0.18: same as install() + asyncio.run(),
+            uvloop.run(serve(args))     # without install()'s deprecation warning on 3.12+
+            return 0
+        uvloop.install()
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

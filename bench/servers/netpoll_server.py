@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""netpoll echo and length-prefixed RPC servers for bench/run_bench.py.
+
+    python bench/servers/netpoll_server.py --mode echo --runner inline --port 0
+    python bench/servers/netpoll_server.py --mode framed --runner pool --unix /tmp/x.sock
+
+Written against the public API of shared/DESIGN.md: ``create_listener`` +
+``EventLoop(on_request, runner=...)`` + ``serve``. Both handlers are in the
+parse-what-is-there style, so they work on every runner: they consume what is
+complete and return; the loop calls them again when more bytes arrive.
+
+Prints ``READY <port>`` (or ``READY <path>``) once listening. If netpoll cannot
+be imported or the server cannot start, prints ``FAILED <reason>`` and exits
+with status 1 (the driver then reports the cells as failed). SIGTERM/SIGINT
+end the process.
+"""
+import argparse
+import os
+import resource
+import signal
+import sys
+import threading
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def fail(reason):
+    sys.stdout.write("FAILED " + " ".join(str(reason).split()) + "\n")
+    sys.stdout.flush()
+    sys.exit(1)
+
+
+def import_netpoll():
+    try:
+        import netpoll  # installed, or the checkout when run from its root
+        return netpoll
+    except ImportError:
+        pass
+    sys.path.insert(0, ROOT)       # a checkout built in place
+    import netpoll
+    return netpoll
+
+
+def on_request_echo(ctx, conn):
+    reader = conn.reader
+    n = len(reader)
+    if n:
+        data = reader.next(n)
+        writer = conn.writer
+        writer.write_binary(data)
+        writer.flush()
+        # data is a zero-copy view: release() lets the buffer recycle the bytes
+        reader.release()
+
+
+def on_request_framed(ctx, conn):
+    reader = conn.reader
+    writer = conn.writer
+    wrote = False
+    while len(reader) >= 4:
+        length = int.from_bytes(reader.peek(4), "big")
+        if len(reader) < 4 + length:
+            break                    # called again when more arrives
+        writer.write_binary(reader.next(4 + length))
+        wrote = True
+    if wrote:
+        writer.flush()
+        reader.release()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("echo", "framed"), default="echo")
+    ap.add_argument("--runner", choices=("inline", "pool"), default="pool")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 lets the OS choose (printed in READY)")
+    ap.add_argument("--unix", default=None, help="listen on this Unix socket path instead")
+    ap.add_argument("--loops", type=int, default=None, help="netpoll.set_num_loops(N) (default: library default)")
+    args = ap.parse_args(argv)
+    raise_nofile()
+
+    try:
+        netpoll = import_netpoll()
+        if args.loops is not None:
+            netpoll.set_num_loops(args.loops)
+        if args.unix:
+            try:
+                os.unlink(args.unix)
+            except FileNotFoundError:
+                pass
+            listener = netpoll.create_listener("unix", args.unix)
+        else:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            listener = netpoll.create_listener("tcp", f"{host}:{args.port}")
+        handler = on_request_echo if args.mode == "echo" else on_request_framed
+        loop = netpoll.EventLoop(handler, runner=args.runner)
+        addr = listener.addr
+        where = addr if isinstance(addr, str) else addr[1]
+    except BaseException as exc:  # noqa: BLE001 - any failure to start is reported, not raised
+        traceback.print_exc(file=sys.stderr)
+        fail(f"{type(exc).__name__}: {exc}")
+
+    # SIGTERM keeps its default action (the process ends at once: nothing to save in a
+    # benchmark server, and a Python-level handler would only run when serve() returns
+    # to the interpreter); SIGINT does the same instead of raising KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    # READY is printed from a thread once serve() has had a moment to start, so the
+    # driver never connects before the loop is up; serve() raising reports FAILED.
+    ready = threading.Event()
+    errors = []
+
+    def announce():
+        if not ready.wait(0.05) and not errors:
+            sys.stdout.write(f"READY {where}\n")
+            sys.stdout.flush()
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        loop.serve(listener)
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
+        ready.set()
+        traceback.print_exc(file=sys.stderr)
+        fail(f"serve: {type(exc).__name__}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
