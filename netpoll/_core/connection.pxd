@@ -27,7 +27,6 @@ cdef class Connection(Operator):
     cdef WorkerPool _pool
     cdef object _local_addr
     cdef object _remote_addr
-    cdef object _write_lock
     cdef bint _connected            # on_connect ran (or there is none)
     cdef bint _disconnected
     cdef bint _close_when_idle      # graceful shutdown: close once the handler returns

@@ -16,7 +16,7 @@ from netpoll._core.includes.system cimport (
     np_cond_wait_until, np_monotonic_ns, np_set_nodelay, np_is_inet,
 )
 from netpoll._core.linkbuffer cimport (
-    LinkBuffer, LB_READ, LB_WRITE, np_lb_readable, np_lb_release,
+    LinkBuffer, LB_READ, LB_WRITE, np_lb_readable, np_lb_release, np_lb_clear,
 )
 from netpoll._core.poller cimport (
     Operator, Poller, np_conn_t, np_conn_new, np_conn_decref, np_poller_submit,
@@ -198,9 +198,20 @@ cdef class ConnWriter(LinkBuffer):
             np_flush_async(c)
             return 0
         deadline = _deadline(c.write_timeout_ns)
+        # First attempt with the GIL held: the socket is non-blocking, so the
+        # send cannot block, and keeping the GIL avoids handing it to another
+        # thread and queueing to get it back for every reply.
+        pthread_mutex_lock(&c.lock)
+        target = c.outbuf.total_in
+        if not (c.flags & (CF_SENDING | CF_WANT_WRITE | CF_USER_CLOSED | CF_FD_CLOSED
+                           | CF_ERROR)):
+            np_send_locked(c)
+        if c.outbuf.total_out >= target:
+            pthread_mutex_unlock(&c.lock)
+            return 0
+        pthread_mutex_unlock(&c.lock)
         with nogil:
             pthread_mutex_lock(&c.lock)
-            target = c.outbuf.total_in
             while c.outbuf.total_out < target:
                 if c.flags & (CF_USER_CLOSED | CF_FD_CLOSED):
                     rc = W_CLOSED
@@ -247,7 +258,6 @@ cdef class Connection(Operator):
         self.reader = None
         self.writer = None
         self._close_callbacks = []
-        self._write_lock = threading.Lock()
 
     def __dealloc__(self):
         cdef np_conn_t *c = self.op
@@ -387,6 +397,14 @@ cdef class Connection(Operator):
         return 0
 
     cdef int _on_teardown(self) except -1:
+        cdef np_conn_t *c = self.op
+        # The fd is closed. Give buffer memory back now rather than when the
+        # cyclic GC collects this object (it and its reader/writer refer to
+        # each other). Unread input stays for a handler-less client that the
+        # peer closed: it may still read what arrived.
+        np_lb_clear(c.outbuf)
+        if (c.flags & CF_USER_CLOSED) or self._on_request is not None:
+            np_lb_clear(c.inbuf)
         if self._poller is not None:
             self._poller.unregister(self)
         return 0
@@ -581,13 +599,17 @@ cdef class Connection(Operator):
 
     def write(self, data):
         """Send all of `data` (bytes-like) and return len(data). Thread-safe:
-        concurrent writes are sent whole, one after another."""
+        concurrent writes are sent whole, one after another.
+
+        No lock is needed for that: write_binary appends the whole object in
+        one critical section of the output buffer, and flush() sends
+        everything appended so far. (A lock here would also deadlock an inline
+        handler against a thread waiting for that poller to drain.)"""
         if isinstance(data, str):
             raise TypeError("write takes bytes-like data, not str")
         self._live()
-        with self._write_lock:
-            n = self.writer.write_binary(data)
-            self.writer.flush()
+        n = self.writer.write_binary(data)
+        self.writer.flush()
         return n
 
     def fileno(self):
@@ -627,7 +649,7 @@ cdef class Connection(Operator):
             return "<Connection (uninitialised)>"
         state = ("closed" if c.flags & CF_FD_CLOSED else "closing" if c.flags & CF_CLOSING
                  else "peer-closed" if c.flags & (CF_PEER_EOF | CF_ERROR) else "open")
-        return f"<Connection fd={c.fd} {state} remote={self._remote_addr!r}>"
+        return f"<Connection fd={c.fd} {state} flags={c.flags:#x} remote={self._remote_addr!r}>"
 
 
 cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object runner,

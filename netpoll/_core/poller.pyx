@@ -30,7 +30,8 @@ from netpoll._core.includes.system cimport (
     np_cond_init_monotonic, np_event_t, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR,
     NP_EV_RDHUP, NP_POLL_MAX, NP_MSG_NOSIGNAL,
     np_atomic_inc_int, np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int,
-    np_atomic_cas_int, np_atomic_load_uint, np_monotonic_ns, np_accept, np_set_nodelay, np_is_inet,
+    np_atomic_load_size,
+    np_atomic_cas_int, np_atomic_xchg_int, np_atomic_load_uint, np_monotonic_ns, np_accept, np_set_nodelay, np_is_inet,
     np_poll_create, np_poll_ctl, np_poll_wait, np_wakeup_create, np_wakeup_signal,
     np_wakeup_drain, np_wakeup_close,
 )
@@ -42,9 +43,12 @@ from netpoll._core.timer cimport (
     np_timer_t, timer_init, timer_heap_init, timer_heap_free, timer_heap_push,
     timer_heap_remove, timer_heap_pop_expired, timer_heap_timeout_ms,
 )
-from netpoll._core.runner cimport np_taskq_push, WorkerPool
+from netpoll._core.runner cimport np_taskq_t, np_taskq_push, np_taskq_check_stall, WorkerPool
 
 log = logging.getLogger("netpoll")
+
+# The worker pool the pollers feed; they also watch it for stalls (see runner).
+cdef np_taskq_t *g_pool = NULL
 
 cdef enum:
     READ_BUDGET = 8             # recv calls per connection per wake (fairness)
@@ -310,8 +314,7 @@ cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
         if pfds[1].revents:
             # Another thread wants this poller (a close, a task): the tasks
             # stay queued for the loop, which checks them after this handler.
-            np_atomic_store_int(&p.wake_pending, 0)
-            np_wakeup_drain(p.wake_r)
+            _wake_ack(p)
         if pfds[0].revents:
             st = _read_socket(c, np_monotonic_ns(), &got)
             pthread_mutex_lock(&c.lock)
@@ -320,6 +323,16 @@ cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
             pthread_mutex_lock(&c.lock)
     pthread_mutex_unlock(&c.lock)
     return 0
+
+
+cdef inline void _wake_ack(np_poller_t *p) noexcept nogil:
+    """Consume a wake-up. Drain first, then clear the flag: a signal sent after
+    the clear is never drained unseen (it wakes the next wait), and a sender
+    that still saw the flag set skipped its signal only while a wake-up was
+    in flight. The exchange is a full barrier, so the p.ntasks read that
+    follows cannot pass it."""
+    np_wakeup_drain(p.wake_r)
+    np_atomic_xchg_int(&p.wake_pending, 0)
 
 
 cdef void np_poller_kick(np_poller_t *p) noexcept nogil:
@@ -675,8 +688,10 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
         _flush_batch(p)
     now = np_monotonic_ns()
     timeout = timer_heap_timeout_ms(&p.timers, now, -1)
-    if p.ntasks:
+    if np_atomic_load_size(&p.ntasks):
         timeout = 0
+    elif g_pool != NULL and g_pool.count > 0 and (timeout < 0 or timeout > 1):
+        timeout = 1       # watch queued pool work for stalled workers
     n = np_poll_wait(p.pfd, p.evs, NP_POLL_MAX, timeout)
     if np_atomic_load_int(&p.stop):
         return -1
@@ -698,10 +713,11 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
         elif c.kind == OP_LISTENER:
             _on_accept(p, c, now)
         else:
-            np_atomic_store_int(&p.wake_pending, 0)
-            np_wakeup_drain(p.wake_r)
-    if p.ntasks:
+            _wake_ack(p)
+    if np_atomic_load_size(&p.ntasks):
         _run_tasks(p, now)
+    if g_pool != NULL:
+        np_taskq_check_stall(g_pool, now)
     while True:
         t = timer_heap_pop_expired(&p.timers, now)
         if t == NULL:
@@ -839,6 +855,10 @@ cdef class Poller:
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
 
+    def operators(self):
+        """The connections and listeners registered here (diagnostics)."""
+        return list(self.registry.values())
+
     def is_alive(self):
         return self.thread is not None and self.thread.is_alive()
 
@@ -851,6 +871,8 @@ cdef class Poller:
             "gil_batches": self.p.gil_batches,
             "timers": self.p.timers.size,
             "operators": len(self.registry),
+            "queued_tasks": self.p.ntasks,
+            "wake_pending": self.p.wake_pending,
         }
 
     def __dealloc__(self):
@@ -871,5 +893,8 @@ cdef class Poller:
 
 
 def bind_pool(WorkerPool pool not None):
-    """Make `pool` run connection tasks queued by the pollers."""
+    """Make `pool` run connection tasks queued by the pollers (one pool per
+    process: the pollers watch it for stalled workers)."""
+    global g_pool
     pool.q.handler = np_pool_item
+    g_pool = pool.q

@@ -14,11 +14,17 @@ cdef struct np_taskq_t:
     size_t head
     size_t count
     int idle              # workers waiting on cond
+    int active            # workers running a task (or between two tasks)
+    int spinning          # a worker is polling the queue before it sleeps
+    long long progress_ns # when a worker last took a task
     int stopping
     np_item_handler_t handler
 
 # 0, or -1 when memory is out (the item is not queued). Never blocks long.
 cdef int np_taskq_push(np_taskq_t *q, void *item) noexcept nogil
+# Wake a sleeping worker if items wait while the active ones are stalled
+# (blocked in a handler). The pollers call it every iteration.
+cdef void np_taskq_check_stall(np_taskq_t *q, long long now) noexcept nogil
 
 
 cdef class WorkerPool:

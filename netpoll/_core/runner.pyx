@@ -2,6 +2,12 @@
 # run on a bounded set of threads instead of the poller. The poller pushes work
 # without the GIL; an idle worker wakes on a condition variable, takes the GIL
 # and runs the item.
+#
+# Waking is throttled because of the GIL: two workers running Python only trade
+# the GIL (a futex wake and a context switch each time). A sleeping worker is
+# woken only when no worker is active, or when the active ones have taken no
+# task for STALL_NS (they are blocked in handlers); a worker with the GIL takes
+# the next task without dropping it.
 
 import threading
 
@@ -9,15 +15,48 @@ from cpython.mem cimport PyMem_RawMalloc, PyMem_RawRealloc, PyMem_RawFree
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
+    np_monotonic_ns,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_destroy, pthread_cond_wait, pthread_cond_signal,
     pthread_cond_broadcast,
 )
 
 
+cdef extern from "compat.h" nogil:
+    void np_cpu_relax()
+    int np_atomic_load_int(int *p)
+    size_t np_atomic_load_size(size_t *p)
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+cdef enum:
+    STALL_NS = 1000000    # 1 ms without progress: wake another worker
+    SPIN_NS = 50000       # an idle worker polls the queue this long before sleeping
+
+
+cdef inline bint _should_wake(np_taskq_t *q, long long now) noexcept nogil:
+    if q.idle == 0:
+        return False
+    if q.active == 0:
+        return q.spinning == 0      # a spinning worker picks it up without a wake
+    return now - q.progress_ns > STALL_NS
+
+
+cdef void np_taskq_check_stall(np_taskq_t *q, long long now) noexcept nogil:
+    if q.count == 0:        # racy read: only a hint, checked again under the lock
+        return
+    pthread_mutex_lock(&q.lock)
+    if q.count > 0 and _should_wake(q, now):
+        q.progress_ns = now
+        pthread_cond_signal(&q.cond)
+    pthread_mutex_unlock(&q.lock)
+
+
 cdef int np_taskq_push(np_taskq_t *q, void *item) noexcept nogil:
     cdef void **grown
     cdef size_t i, newcap
+    cdef long long now
     pthread_mutex_lock(&q.lock)
     if q.count == q.cap:
         newcap = q.cap * 2 if q.cap else 64
@@ -34,14 +73,61 @@ cdef int np_taskq_push(np_taskq_t *q, void *item) noexcept nogil:
     q.items[(q.head + q.count) % q.cap] = item
     q.count += 1
     if q.idle > 0:
-        pthread_cond_signal(&q.cond)
+        now = np_monotonic_ns()
+        if _should_wake(q, now):
+            q.progress_ns = now   # one wake per stall period, not one per item
+            pthread_cond_signal(&q.cond)
     pthread_mutex_unlock(&q.lock)
     return 0
+
+
+cdef inline void *_try_pop(np_taskq_t *q) noexcept nogil:
+    """Next item or NULL, without waiting, for a worker counted as active
+    (the caller may hold the GIL: the lock is held for a few instructions).
+    On NULL the worker stops counting as active."""
+    cdef void *item = NULL
+    pthread_mutex_lock(&q.lock)
+    if q.count > 0:
+        item = q.items[q.head]
+        q.head = (q.head + 1) % q.cap
+        q.count -= 1
+        q.progress_ns = np_monotonic_ns()
+    else:
+        q.active -= 1
+    pthread_mutex_unlock(&q.lock)
+    return item
+
+
+cdef void _spin(np_taskq_t *q) noexcept nogil:
+    """Poll for work for up to SPIN_NS before sleeping (one spinner at a time):
+    a burst that arrives meanwhile costs no futex wake and no context switch.
+    Yields the CPU every few polls so a poller on the same core runs."""
+    cdef long long until
+    cdef int i = 0
+    pthread_mutex_lock(&q.lock)
+    if q.spinning or q.count > 0 or q.stopping:
+        pthread_mutex_unlock(&q.lock)
+        return
+    q.spinning = 1
+    pthread_mutex_unlock(&q.lock)
+    until = np_monotonic_ns() + SPIN_NS
+    while np_atomic_load_size(&q.count) == 0 and not np_atomic_load_int(&q.stopping):
+        i += 1
+        if i % 16 == 0:
+            sched_yield()
+            if np_monotonic_ns() > until:
+                break
+        else:
+            np_cpu_relax()
+    pthread_mutex_lock(&q.lock)
+    q.spinning = 0
+    pthread_mutex_unlock(&q.lock)
 
 
 cdef void *_pop_wait(np_taskq_t *q) noexcept nogil:
     """Next item, waiting while the queue is empty; NULL once stopping and drained."""
     cdef void *item = NULL
+    _spin(q)
     pthread_mutex_lock(&q.lock)
     while q.count == 0 and not q.stopping:
         q.idle += 1
@@ -51,6 +137,8 @@ cdef void *_pop_wait(np_taskq_t *q) noexcept nogil:
         item = q.items[q.head]
         q.head = (q.head + 1) % q.cap
         q.count -= 1
+        q.active += 1
+        q.progress_ns = np_monotonic_ns()
     pthread_mutex_unlock(&q.lock)
     return item
 
@@ -87,17 +175,25 @@ cdef class WorkerPool:
     def _work(self):
         cdef void *item
         cdef np_taskq_t *q = self.q
-        while True:
-            with nogil:
-                item = _pop_wait(q)
-            if item == NULL:
-                return
+        with nogil:
+            item = _pop_wait(q)
+        while item != NULL:
             if q.handler != NULL:
                 q.handler(item)
+            # Keep the GIL from one task to the next while work is queued:
+            # dropping it per task hands it to another worker every time.
+            item = _try_pop(q)
+            if item == NULL:
+                with nogil:
+                    item = _pop_wait(q)
 
     def pending(self):
         """Items queued and not yet picked up by a worker."""
         return self.q.count
+
+    def active(self):
+        """Workers running a task."""
+        return self.q.active
 
     def stop(self, timeout=None):
         """Stop accepting work once the queue drains and join the workers."""

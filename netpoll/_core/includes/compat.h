@@ -51,8 +51,11 @@ static inline void np_atomic_store_size(size_t *p, size_t v) { __atomic_store_n(
 static inline size_t np_atomic_add_size(size_t *p, size_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
 static inline size_t np_atomic_sub_size(size_t *p, size_t v) { return __atomic_sub_fetch(p, v, __ATOMIC_ACQ_REL); }
 static inline uint64_t np_atomic_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+/* Sequentially consistent exchange: a full barrier, so a load after it
+ * cannot be satisfied before the exchange is visible (store->load order). */
+static inline int np_atomic_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline int np_atomic_cas_int(int *p, int expected, int desired) {
-    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 static inline unsigned int np_atomic_load_uint(unsigned int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }

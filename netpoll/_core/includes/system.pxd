@@ -130,6 +130,7 @@ cdef extern from "compat.h" nogil:
     int np_atomic_load_int(int *p)
     void np_atomic_store_int(int *p, int v)
     int np_atomic_cas_int(int *p, int expected, int desired)
+    int np_atomic_xchg_int(int *p, int v)
     size_t np_atomic_load_size(size_t *p)
     void np_atomic_store_size(size_t *p, size_t v)
     size_t np_atomic_add_size(size_t *p, size_t v)
