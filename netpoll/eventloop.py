@@ -86,19 +86,19 @@ class EventLoop:
         rt = runtime()
         runner = self.runner if self.runner is not None else rt.runner
         pool = rt.get_pool() if runner == "pool" else None
-        if self._shutting_down:
-            import os
-            os.close(fd)
-            return
         accept_connection(fd, rt.pick(), pool, runner, self, self.on_request,
                           self.on_prepare, self.on_connect, self.on_disconnect,
                           self.read_timeout, self.write_timeout, self.idle_timeout,
                           self.input_limit)
 
-    def _track(self, conn: Connection) -> None:
-        # Called before the connection is registered, so it cannot close first.
+    def _track(self, conn: Connection) -> bool:
+        # Called before the connection is registered, so it cannot close
+        # first; decided under the lock, so shutdown() sees it or refuses it.
         with self._lock:
+            if self._shutting_down:
+                return False
             self._conns.add(conn)
+            return True
 
     def _connection_closed(self, conn: Connection) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import pytest
 
 import netpoll
 from netutil import (  # noqa: F401  (make_server is a fixture)
-    NETWORKS, make_server, recv_exact, recv_until_eof, sees_eof, stream_echo, wait_until,
+    NETWORKS, make_server, recv_exact, recv_until_eof, stream_echo, wait_until,
 )
 
 

@@ -429,3 +429,95 @@ def test_no_leaks_over_dial_close_cycles(make_server):
     print(f"{CYCLES} dial cycles in {time.monotonic() - t0:.1f} s")
     final = _settle(srv.loop, baseline)
     assert final == baseline, f"(fds, threads, chunks) {baseline} -> {final}"
+
+
+# ======================================================================
+# connects racing EventLoop.shutdown()
+# ======================================================================
+
+def _wait_all_closed(socks, timeout):
+    """Sockets whose peer did not close (EOF or reset) within `timeout`."""
+    sel = selectors.DefaultSelector()
+    pending = set()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        pending.add(s)
+    deadline = time.monotonic() + timeout
+    try:
+        while pending and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.05):
+                s = key.fileobj
+                try:
+                    data = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(s)
+                    pending.discard(s)
+    finally:
+        sel.close()
+    return pending
+
+
+@pytest.mark.timeout(90)
+def test_connects_racing_shutdown_are_refused_or_closed_never_left_hanging():
+    """Clients connect continuously while EventLoop.shutdown() runs: each one
+    must be refused, reset or closed; none may be accepted and then forgotten
+    (its fd leaked in the server, the client waiting forever)."""
+    TRIALS = 20
+    hung_total, leaked_total = 0, 0
+    for trial in range(TRIALS):
+        gc.collect()
+        base = fd_count()
+        lst = netpoll.create_listener("tcp", "127.0.0.1:0")
+        addr = tuple(lst.addr)[:2]
+        loop = netpoll.EventLoop(stream_echo, runner="inline")
+        th = threading.Thread(target=loop.serve, args=(lst,), daemon=True)
+        th.start()
+        socks, stop = [], threading.Event()
+        lock = threading.Lock()
+
+        def hammer():
+            while not stop.is_set():
+                s = socket.socket()
+                s.settimeout(2)
+                try:
+                    s.connect(addr)
+                except OSError:
+                    s.close()
+                    continue
+                with lock:
+                    socks.append(s)
+
+        try:
+            c = socket.create_connection(addr, timeout=5)
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+            c.close()
+            hs = [threading.Thread(target=hammer) for _ in range(3)]
+            for h in hs:
+                h.start()
+            time.sleep(0.02)
+            loop.shutdown(timeout=5)
+            time.sleep(0.03)
+        finally:
+            stop.set()
+            for h in hs:
+                h.join(5)
+            lst.close()
+        th.join(5)
+        hung = _wait_all_closed(socks, 2.0)
+        for s in socks:
+            s.close()
+        wait_until(lambda: fd_count() <= base, 2)
+        leaked = fd_count() - base
+        if hung or leaked > 0:
+            print(f"trial {trial}: {len(hung)} of {len(socks)} clients left hanging, "
+                  f"{leaked} fds leaked in the server")
+        hung_total += len(hung)
+        leaked_total += max(leaked, 0)
+    assert hung_total == 0 and leaked_total == 0, \
+        f"{hung_total} clients hanging, {leaked_total} server fds leaked over {TRIALS} shutdowns"

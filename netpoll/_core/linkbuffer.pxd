@@ -43,6 +43,7 @@ cdef struct np_lb_t:
     uint64_t id
     uint64_t total_in    # bytes ever made readable (flush/commit)
     uint64_t total_out   # bytes ever consumed
+    np_node_t *spare     # one freed node kept for the next append (no malloc per message)
     int reserving
     int closed
 
@@ -58,9 +59,10 @@ cdef void np_lb_free(np_lb_t *lb) noexcept nogil
 
 # --- poller interface (no GIL) ---
 cdef size_t np_lb_readable(np_lb_t *lb) noexcept nogil
-# Writable space at the tail for a recv(): at least `want` bytes when want > 0
-# (a new chunk if the tail has less), or whatever the tail has. NULL on ENOMEM.
-cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil
+# Writable space at the tail for a recv(): at least `want` bytes (the tail's
+# room if it has that much, else a new chunk of max(want, chunk) bytes).
+# NULL on ENOMEM.
+cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t chunk, size_t *cap) noexcept nogil
 # n bytes of the reservation were filled: they become readable at once.
 cdef void np_lb_commit(np_lb_t *lb, size_t n) noexcept nogil
 # Up to `maxiov` iovecs over the readable bytes; returns the count, *total the byte sum.
@@ -94,4 +96,5 @@ cdef class LinkBuffer:
     cdef object _copy(self, size_t n, bint consume)
     cdef Py_ssize_t _find(self, unsigned char delim) except -2
     cdef int _write(self, const char *src, size_t n) except -1
+    cdef bint _write_ref(self, object data, Py_buffer *pb) except -1
 

@@ -43,6 +43,7 @@ cdef enum:
     CACHE_BYTES_PER_CLASS = 4 << 20 # free chunks kept per class, beyond that freed
     DEFAULT_CHUNK = 8192            # chunk size when the writer gives no hint
     COPY_NOGIL_MIN = 65536          # copies this large drop the GIL
+    ZERO_COPY_MIN = 1024            # our own views this large are appended by reference
 
 cdef struct pool_class_t:
     np_chunk_t *free
@@ -190,9 +191,13 @@ def pool_trim():
 
 cdef inline np_node_t *_node_append(np_lb_t *lb, np_chunk_t *c, size_t off, size_t n) noexcept nogil:
     """Link a node over c[off:off+n] at the tail. Takes over one reference to c."""
-    cdef np_node_t *node = <np_node_t *>PyMem_RawMalloc(sizeof(np_node_t))
-    if node == NULL:
-        return NULL
+    cdef np_node_t *node = lb.spare
+    if node != NULL:
+        lb.spare = NULL
+    else:
+        node = <np_node_t *>PyMem_RawMalloc(sizeof(np_node_t))
+        if node == NULL:
+            return NULL
     node.chunk = c
     node.off = off
     node.len = n
@@ -205,9 +210,12 @@ cdef inline np_node_t *_node_append(np_lb_t *lb, np_chunk_t *c, size_t off, size
     return node
 
 
-cdef inline void _node_free(np_node_t *node) noexcept nogil:
+cdef inline void _node_free(np_lb_t *lb, np_node_t *node) noexcept nogil:
     np_chunk_decref(node.chunk)
-    PyMem_RawFree(node)
+    if lb.spare == NULL:
+        lb.spare = node
+    else:
+        PyMem_RawFree(node)
 
 
 cdef void _drop_all(np_lb_t *lb) noexcept nogil:
@@ -215,7 +223,7 @@ cdef void _drop_all(np_lb_t *lb) noexcept nogil:
     cdef np_node_t *nxt
     while node != NULL:
         nxt = node.next
-        _node_free(node)
+        _node_free(lb, node)
         node = nxt
     lb.head = lb.tail = NULL
     lb.unflushed = 0
@@ -268,12 +276,12 @@ cdef void _consume(np_lb_t *lb, size_t n) noexcept nogil:
         left -= k
         if h.len == 0 and h != lb.tail:
             lb.head = h.next
-            _node_free(h)
+            _node_free(lb, h)
     # Empty nodes can also sit at the head (after malloc_ack of a whole node).
     while lb.head != NULL and lb.head.len == 0 and lb.head != lb.tail:
         h = lb.head
         lb.head = h.next
-        _node_free(h)
+        _node_free(lb, h)
     np_atomic_store_size(&lb.readable, lb.readable - n)
     lb.total_out += n
 
@@ -328,6 +336,7 @@ cdef void np_lb_free(np_lb_t *lb) noexcept nogil:
     if lb == NULL:
         return
     _drop_all(lb)
+    PyMem_RawFree(lb.spare)
     PyMem_RawFree(lb)
 
 
@@ -335,7 +344,7 @@ cdef size_t np_lb_readable(np_lb_t *lb) noexcept nogil:
     return np_atomic_load_size(&lb.readable)
 
 
-cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil:
+cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t chunk, size_t *cap) noexcept nogil:
     cdef np_node_t *t
     cdef np_chunk_t *c = NULL
     cdef char *p
@@ -357,7 +366,9 @@ cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t *cap) noexcept nogil:
         if c.cap - c.used < want:
             c = NULL
     if c == NULL:
-        c = np_chunk_alloc(want if want > lb.size_hint else lb.size_hint)
+        if chunk < lb.size_hint:
+            chunk = lb.size_hint
+        c = np_chunk_alloc(want if want > chunk else chunk)
         if c == NULL:
             np_spin_unlock(&lb.lock)
             return NULL
@@ -817,7 +828,7 @@ cdef class LinkBuffer:
                 lb.tail = node
                 while nxt != NULL:
                     node = nxt.next
-                    _node_free(nxt)
+                    _node_free(lb, nxt)
                     nxt = node
                 break
             acc += node.len
@@ -849,16 +860,46 @@ cdef class LinkBuffer:
             raise MemoryError(f"cannot allocate {n} bytes")
         return 0
 
+    cdef bint _write_ref(self, object data, Py_buffer *pb) except -1:
+        """Append a read-only view this module handed out by reference: its
+        bytes are immutable (a chunk's bytes below `used` are never rewritten
+        while referenced), so sharing the chunk is as good as a copy."""
+        cdef _ChunkView cv
+        cdef np_chunk_t *c
+        cdef np_lb_t *lb = self.lb
+        cdef char *p = <char *>pb.buf
+        if pb.len < ZERO_COPY_MIN or type(data) is not memoryview:
+            return False
+        owner = (<object>data).obj
+        if type(owner) is not _ChunkView:
+            return False
+        cv = <_ChunkView>owner
+        c = cv.chunk
+        if c == NULL or not cv.readonly or p < c.data or p + pb.len > c.data + c.used:
+            return False
+        np_chunk_incref(c)
+        np_spin_lock(&lb.lock)
+        if _node_append(lb, c, <size_t>(p - c.data), <size_t>pb.len) == NULL:
+            np_spin_unlock(&lb.lock)
+            np_chunk_decref(c)
+            raise MemoryError()
+        lb.unflushed += <size_t>pb.len
+        np_spin_unlock(&lb.lock)
+        return True
+
     def write_binary(self, data):
-        """Append a copy of any bytes-like object; returns its length. Later
-        changes to a mutable `data` do not affect what was written."""
+        """Append any bytes-like object; returns its length. Later changes to
+        a mutable `data` do not affect what was written: it is copied, except
+        a read-only view handed out by a netpoll buffer (immutable bytes),
+        which is referenced without a copy."""
         self._check(LB_WRITE)
         cdef Py_buffer pb
         if isinstance(data, str):
             raise TypeError("write_binary takes bytes-like data, not str (use write_string)")
         PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
         try:
-            self._write(<const char *>pb.buf, <size_t>pb.len)
+            if not self._write_ref(data, &pb):
+                self._write(<const char *>pb.buf, <size_t>pb.len)
             return pb.len
         finally:
             PyBuffer_Release(&pb)

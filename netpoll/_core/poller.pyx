@@ -57,6 +57,8 @@ cdef enum:
     BACKOFF_NS = 50000000       # 50 ms pause of a listener after EMFILE/ENFILE
     DEFAULT_DRAIN_NS = 5000000000  # output drain limit at close without a write timeout
     RECV_HINT = 4096            # minimum room offered to recv()
+    RX_CHUNK_MIN = 8192         # adaptive input chunk size: bounds
+    RX_CHUNK_MAX = 262144
 
 # ---------------------------------------------------------------- operators
 
@@ -182,7 +184,8 @@ cdef int np_send_locked(np_conn_t *c) noexcept nogil:
     st = _send_all(c)
     pthread_mutex_lock(&c.lock)
     c.flags &= ~CF_SENDING
-    c.last_active_ns = np_monotonic_ns()
+    if c.idle_timeout_ns > 0:      # the clock read is only needed for idleness
+        c.last_active_ns = np_monotonic_ns()
     if st < 0:
         c.flags |= CF_ERROR
         c.flags &= ~CF_WANT_WRITE
@@ -210,22 +213,43 @@ cdef int _read_socket(np_conn_t *c, int64_t now, size_t *got) noexcept nogil:
     the thread that owns the input side (the poller, or an inline handler on
     it). Returns 0, 1 at EOF, or errno."""
     cdef char *p
-    cdef size_t cap, want
+    cdef size_t cap, want, have, room
     cdef ssize_t r
     cdef int budget = READ_BUDGET
     cdef int e
     got[0] = 0
+    if c.rx_chunk == 0:
+        c.rx_chunk = RX_CHUNK_MIN
     while budget > 0:
         want = c.want - np_lb_readable(c.inbuf) if c.want > np_lb_readable(c.inbuf) else 0
-        p = np_lb_reserve(c.inbuf, want if want > RECV_HINT else RECV_HINT, &cap)
+        p = np_lb_reserve(c.inbuf, want if want > RECV_HINT else RECV_HINT, c.rx_chunk, &cap)
         if p == NULL:
             return ENOMEM
+        if c.input_limit:
+            # Backpressure: read no further than the limit (or what a blocked
+            # reader waits for), so one wake-up cannot overshoot it.
+            have = np_lb_readable(c.inbuf)
+            room = c.input_limit if c.input_limit > c.want else c.want
+            room = room - have if room > have else 0
+            if room == 0:
+                np_lb_commit(c.inbuf, 0)
+                return 0
+            if room < cap:
+                cap = room
         r = recv(c.fd, p, cap, 0)
         if r > 0:
             np_lb_commit(c.inbuf, <size_t>r)
             got[0] += <size_t>r
             if <size_t>r < cap:
-                return 0          # the socket is very likely drained
+                # The socket is very likely drained. Shrink the chunk size
+                # slowly when reads stay small (idle memory matters).
+                if <size_t>r * 8 < c.rx_chunk and c.rx_chunk > RX_CHUNK_MIN:
+                    c.rx_chunk >>= 1
+                return 0
+            # recv filled the room: bigger chunks mean fewer recv() calls and
+            # messages that stay contiguous (zero-copy views).
+            if c.rx_chunk < RX_CHUNK_MAX:
+                c.rx_chunk <<= 1
             budget -= 1
             continue
         e = errno
@@ -547,6 +571,7 @@ cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
 
 cdef void _arm_idle(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
     timer_heap_remove(&p.timers, &c.idle_timer)
+    c.last_active_ns = now         # sends do not stamp activity without a timeout
     if c.idle_timeout_ns > 0 and not (c.flags & (CF_CLOSING | CF_FD_CLOSED)):
         c.idle_timer.when = c.last_active_ns + c.idle_timeout_ns
         if c.idle_timer.when < now:
@@ -819,11 +844,17 @@ cdef class Poller:
                 c.gil_reasons = 0
                 if c.pyobj != NULL:
                     op = <Operator><PyObject *>c.pyobj
+                    # Both may be due in one batch (fds accepted just before
+                    # the listener's teardown): events first, so nothing
+                    # accepted is dropped, then the teardown.
+                    try:
+                        if reasons & (GR_PROCESS | GR_ACCEPT):
+                            op._on_poller_event()
+                    except BaseException:
+                        log.exception("netpoll: unexpected error in the poller's dispatch")
                     try:
                         if reasons & GR_TEARDOWN:
                             op._on_teardown()
-                        elif reasons & (GR_PROCESS | GR_ACCEPT):
-                            op._on_poller_event()
                     except BaseException:
                         log.exception("netpoll: unexpected error in the poller's dispatch")
                     op = None

@@ -89,7 +89,9 @@ def accept_connection(int fd, Poller poller not None, pool, runner, server,
     first process() when on_connect must run before any on_request."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, server)
     cdef np_conn_t *c = conn.op
-    server._track(conn)
+    if not server._track(conn):
+        conn.close()             # the server is shutting down: refuse politely
+        return None
     conn.set_read_timeout(read_timeout)
     conn.set_write_timeout(write_timeout)
     conn.set_idle_timeout(idle_timeout)
