@@ -469,6 +469,18 @@ def test_connects_racing_shutdown_are_refused_or_closed_never_left_hanging():
     (its fd leaked in the server, the client waiting forever)."""
     TRIALS = 20
     hung_total, leaked_total = 0, 0
+    # warm up: the shared pollers (epoll and wake-up fds) and the pool exist
+    warm = netpoll.create_listener("tcp", "127.0.0.1:0")
+    wloop = netpoll.EventLoop(stream_echo, runner="inline")
+    wth = threading.Thread(target=wloop.serve, args=(warm,), daemon=True)
+    wth.start()
+    c = socket.create_connection(tuple(warm.addr)[:2], timeout=5)
+    c.sendall(b"w")
+    assert c.recv(1) == b"w"
+    c.close()
+    wloop.shutdown(timeout=5)
+    wth.join(5)
+    warm.close()
     for trial in range(TRIALS):
         gc.collect()
         base = fd_count()

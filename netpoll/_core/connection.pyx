@@ -77,6 +77,20 @@ cdef str _describe(Connection conn):
         return "connection"
 
 
+cdef void _close_fd_unless(np_conn_t *c, unsigned int flags) noexcept nogil:
+    """Close c's fd here (it is on no poller) unless already closed or any
+    of `flags` is set."""
+    cdef int fd = -1
+    pthread_mutex_lock(&c.lock)
+    if not (c.flags & (CF_FD_CLOSED | flags)) and c.fd >= 0:
+        fd = c.fd
+        c.fd = -1
+        c.flags |= CF_FD_CLOSED
+    pthread_mutex_unlock(&c.lock)
+    if fd >= 0:
+        close(fd)
+
+
 cdef class ConnReader(LinkBuffer):
     """The connection's input: LinkBuffer's reader methods, blocking until the
     bytes arrive (bounded by the read timeout). Writer methods raise TypeError."""
@@ -261,20 +275,11 @@ cdef class Connection(Operator):
 
     def __dealloc__(self):
         cdef np_conn_t *c = self.op
-        cdef int fd = -1
         if c == NULL:
             return
         self.op = NULL
         c.pyobj = NULL
-        pthread_mutex_lock(&c.lock)
-        if not (c.flags & (CF_FD_CLOSED | CF_REGISTERED)) and c.fd >= 0:
-            # Never handed to a poller: the fd is still ours to close.
-            fd = c.fd
-            c.fd = -1
-            c.flags |= CF_FD_CLOSED
-        pthread_mutex_unlock(&c.lock)
-        if fd >= 0:
-            close(fd)
+        _close_fd_unless(c, CF_REGISTERED)    # never handed to a poller: ours to close
         np_conn_decref(c)
 
     cdef inline np_conn_t *_live(self) except NULL:
@@ -413,7 +418,6 @@ cdef class Connection(Operator):
 
     cdef int _close(self, bint user) except -1:
         cdef np_conn_t *c = self.op
-        cdef int fd = -1
         if c == NULL:
             return 0
         pthread_mutex_lock(&c.lock)
@@ -450,14 +454,7 @@ cdef class Connection(Operator):
         if c.poller != NULL:
             np_poller_submit(c.poller, TASK_TEARDOWN, c, NULL)
         else:
-            pthread_mutex_lock(&c.lock)
-            if not (c.flags & CF_FD_CLOSED):
-                fd = c.fd
-                c.fd = -1
-                c.flags |= CF_FD_CLOSED
-            pthread_mutex_unlock(&c.lock)
-            if fd >= 0:
-                close(fd)
+            _close_fd_unless(c, 0)
         return 0
 
     def _close_when_done(self):

@@ -94,6 +94,7 @@ cdef class LinkBuffer:
     cdef int _after_flush(self) except -1
     cdef object _view(self, size_t n, bint consume)
     cdef object _copy(self, size_t n, bint consume)
+    cdef object _gather(self, size_t n, bint consume)
     cdef Py_ssize_t _find(self, unsigned char delim) except -2
     cdef int _write(self, const char *src, size_t n) except -1
     cdef bint _write_ref(self, object data, Py_buffer *pb) except -1

@@ -574,7 +574,42 @@ cdef class LinkBuffer:
         np_spin_unlock(&lb.lock)
         if c != NULL:
             return _export(c, p, n, True)
-        return PyMemoryView_FromObject(self._copy(n, consume))
+        return self._gather(n, consume)
+
+    cdef object _gather(self, size_t n, bint consume):
+        """The next n bytes, which span chunks, copied into one fresh chunk
+        and exported read-only: a view of our own memory, so write_binary can
+        forward it to another buffer without a second copy."""
+        cdef np_lb_t *lb = self.lb
+        cdef np_chunk_t *c = np_chunk_alloc(n)
+        cdef bint ok = True
+        if c == NULL:
+            raise MemoryError(f"cannot allocate {n} bytes")
+        if n >= COPY_NOGIL_MIN:
+            with nogil:
+                np_spin_lock(&lb.lock)
+                if lb.closed or lb.readable < n:
+                    ok = False
+                else:
+                    _copy_out(lb, c.data, n)
+                    if consume:
+                        _consume(lb, n)
+                np_spin_unlock(&lb.lock)
+        else:
+            np_spin_lock(&lb.lock)
+            if lb.closed or lb.readable < n:
+                ok = False
+            else:
+                _copy_out(lb, c.data, n)
+                if consume:
+                    _consume(lb, n)
+            np_spin_unlock(&lb.lock)
+        if not ok:
+            np_chunk_decref(c)
+            self._check(LB_READ)
+            raise BufferUnderflowError(f"need {n} bytes")
+        c.used = n        # immutable from now on: nobody may extend it (owner 0)
+        return _export(c, c.data, n, True)
 
     cdef object _copy(self, size_t n, bint consume):
         cdef np_lb_t *lb = self.lb

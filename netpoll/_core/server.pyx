@@ -4,7 +4,7 @@ import logging
 import os
 import threading
 
-from netpoll._core.includes.system cimport close, EMFILE, ENFILE
+from netpoll._core.includes.system cimport close, EMFILE, ENFILE, EINVAL
 from netpoll._core.poller cimport (
     Operator, Poller, np_conn_t, np_conn_new, np_conn_decref, np_poller_submit,
     np_schedule_process, OP_LISTENER, TASK_TEARDOWN, CF_RUNNING, CF_HAS_HANDLER,
@@ -44,6 +44,9 @@ cdef class Acceptor(Operator):
         if err and not self.closed:
             if err in (EMFILE, ENFILE):
                 log.warning("netpoll: accept paused for 50 ms: %s", os.strerror(err))
+            elif err == EINVAL:
+                # The listening socket was shut down (EventLoop.shutdown).
+                log.debug("netpoll: listener stopped: %s", os.strerror(err))
             else:
                 log.warning("netpoll: accept failed: %s", os.strerror(err))
         server = self.server

@@ -40,7 +40,7 @@ cdef extern from "<unistd.h>" nogil:
 cdef extern from "<errno.h>" nogil:
     int errno
     int EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
-    int ECONNABORTED, ECONNRESET, EPIPE, EINPROGRESS, ETIMEDOUT, EBADF
+    int ECONNABORTED, ECONNRESET, EPIPE, EINPROGRESS, ETIMEDOUT, EBADF, EINVAL
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
