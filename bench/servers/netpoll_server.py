@@ -92,6 +92,9 @@ def main(argv=None):
 
     try:
         netpoll = import_netpoll()
+        if os.environ.get("NETPOLL_SPIN_NS"):
+            from netpoll._core.runner import set_spin
+            set_spin(int(os.environ["NETPOLL_SPIN_NS"]))
         if args.loops is not None:
             netpoll.set_num_loops(args.loops)
         if args.unix:

@@ -32,7 +32,17 @@ cdef extern from "<sched.h>" nogil:
 
 cdef enum:
     STALL_NS = 1000000    # 1 ms without progress: wake another worker
-    SPIN_NS = 50000       # an idle worker polls the queue this long before sleeping
+
+# An idle worker polls the queue this long before sleeping (set_spin()).
+cdef long long spin_ns = 50000
+
+
+def set_spin(long long ns):
+    """How long (ns) one idle worker polls for work before sleeping; 0 disables."""
+    global spin_ns
+    if ns < 0:
+        raise ValueError("spin time must be >= 0")
+    spin_ns = ns
 
 
 cdef inline bint _should_wake(np_taskq_t *q, long long now) noexcept nogil:
@@ -104,13 +114,15 @@ cdef void _spin(np_taskq_t *q) noexcept nogil:
     Yields the CPU every few polls so a poller on the same core runs."""
     cdef long long until
     cdef int i = 0
+    if spin_ns <= 0:
+        return
     pthread_mutex_lock(&q.lock)
     if q.spinning or q.count > 0 or q.stopping:
         pthread_mutex_unlock(&q.lock)
         return
     q.spinning = 1
     pthread_mutex_unlock(&q.lock)
-    until = np_monotonic_ns() + SPIN_NS
+    until = np_monotonic_ns() + spin_ns
     while np_atomic_load_size(&q.count) == 0 and not np_atomic_load_int(&q.stopping):
         i += 1
         if i % 16 == 0:
