@@ -297,6 +297,20 @@ cdef void _copy_out(np_lb_t *lb, char *dst, size_t n) noexcept nogil:
         node = node.next
 
 
+cdef bint _copy_locked(np_lb_t *lb, char *dst, size_t n, bint consume) noexcept nogil:
+    """Copy (and with `consume`, drop) the next n readable bytes under the
+    lock; False, with nothing changed, if they are not there."""
+    cdef bint ok = False
+    np_spin_lock(&lb.lock)
+    if not lb.closed and lb.readable >= n:
+        _copy_out(lb, dst, n)
+        if consume:
+            _consume(lb, n)
+        ok = True
+    np_spin_unlock(&lb.lock)
+    return ok
+
+
 cdef np_node_t *_first_data_node(np_lb_t *lb) noexcept nogil:
     cdef np_node_t *node = lb.head
     while node != NULL and node.len == 0:
@@ -587,23 +601,9 @@ cdef class LinkBuffer:
             raise MemoryError(f"cannot allocate {n} bytes")
         if n >= COPY_NOGIL_MIN:
             with nogil:
-                np_spin_lock(&lb.lock)
-                if lb.closed or lb.readable < n:
-                    ok = False
-                else:
-                    _copy_out(lb, c.data, n)
-                    if consume:
-                        _consume(lb, n)
-                np_spin_unlock(&lb.lock)
+                ok = _copy_locked(lb, c.data, n, consume)
         else:
-            np_spin_lock(&lb.lock)
-            if lb.closed or lb.readable < n:
-                ok = False
-            else:
-                _copy_out(lb, c.data, n)
-                if consume:
-                    _consume(lb, n)
-            np_spin_unlock(&lb.lock)
+            ok = _copy_locked(lb, c.data, n, consume)
         if not ok:
             np_chunk_decref(c)
             self._check(LB_READ)
@@ -619,23 +619,9 @@ cdef class LinkBuffer:
         cdef bint ok = True
         if n >= COPY_NOGIL_MIN:
             with nogil:
-                np_spin_lock(&lb.lock)
-                if lb.closed or lb.readable < n:
-                    ok = False
-                else:
-                    _copy_out(lb, dst, n)
-                    if consume:
-                        _consume(lb, n)
-                np_spin_unlock(&lb.lock)
+                ok = _copy_locked(lb, dst, n, consume)
         else:
-            np_spin_lock(&lb.lock)
-            if lb.closed or lb.readable < n:
-                ok = False
-            else:
-                _copy_out(lb, dst, n)
-                if consume:
-                    _consume(lb, n)
-            np_spin_unlock(&lb.lock)
+            ok = _copy_locked(lb, dst, n, consume)
         if not ok:
             self._check(LB_READ)
             raise BufferUnderflowError(f"need {n} bytes")
