@@ -58,7 +58,7 @@ cdef enum:
     DEFAULT_DRAIN_NS = 5000000000  # output drain limit at close without a write timeout
     RECV_HINT = 4096            # minimum room offered to recv()
     RX_CHUNK_MIN = 8192         # adaptive input chunk size: bounds
-    RX_CHUNK_MAX = 262144
+    RX_CHUNK_MAX = 65536         # larger chunks fall outside the pool cache into mmap
 
 # ---------------------------------------------------------------- operators
 
