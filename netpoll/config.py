@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import enum
-import os
 import random
 import threading
 from typing import Any, Callable, List, Optional, Union
@@ -163,11 +162,3 @@ def stats() -> dict:
 
 def runtime() -> _Runtime:
     return _runtime
-
-
-def default_buffer_size() -> int:
-    return _runtime.buffer_size
-
-
-def _num_cpus() -> int:
-    return os.cpu_count() or 1

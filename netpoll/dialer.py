@@ -6,7 +6,7 @@ import time
 from typing import Any, Callable, Optional
 
 from netpoll._core.connection import Connection, wrap_socket_fd
-from netpoll.config import runtime
+from netpoll.config import _check_runner, runtime
 from netpoll.errors import DialTimeoutError
 from netpoll.listener import parse_address
 
@@ -33,8 +33,6 @@ class Dialer:
     def __init__(self, *, runner: Any = None, read_timeout: Optional[float] = None,
                  write_timeout: Optional[float] = None,
                  idle_timeout: Optional[float] = None) -> None:
-        from netpoll.config import _check_runner
-
         self.runner = _check_runner(runner) if runner is not None else None
         self.read_timeout = _check_timeout(read_timeout)
         self.write_timeout = _check_timeout(write_timeout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, List, Optional, Set
@@ -120,7 +121,6 @@ class EventLoop:
         rt.ensure_started()
         if (self.runner or rt.runner) == "pool":
             rt.get_pool()
-        import os
         fd = os.dup(listener.fileno())
         acceptor = Acceptor(fd, rt.pick(), self)
         with self._lock:

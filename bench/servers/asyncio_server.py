@@ -9,21 +9,12 @@ Protocol-based, the fast asyncio style: ``data_received`` + ``transport.write``.
 with the same frame. Prints ``READY <port>`` (or ``READY <path>``) once listening.
 SIGTERM/SIGINT stop it.
 """
-import argparse
 import asyncio
 import os
-import resource
 import signal
 import sys
 
-
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+from common import base_parser, raise_nofile
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -99,11 +90,7 @@ async def serve(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("echo", "framed"), default="echo")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0, help="0 lets the OS choose (printed in READY)")
-    ap.add_argument("--unix", default=None, help="listen on this Unix socket path instead")
+    ap = base_parser(__doc__)
     ap.add_argument("--backlog", type=int, default=4096)
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop (uvloop.install())")
     args = ap.parse_args(argv)

@@ -14,25 +14,16 @@ be imported or the server cannot start, prints ``FAILED <reason>`` and exits
 with status 1 (the driver then reports the cells as failed). SIGTERM/SIGINT
 end the process.
 """
-import argparse
 import os
-import resource
 import signal
 import sys
 import threading
 import traceback
 
+from common import base_parser, raise_nofile
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
 
 
 def fail(reason):
@@ -80,12 +71,8 @@ def on_request_framed(ctx, conn):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("echo", "framed"), default="echo")
+    ap = base_parser(__doc__)
     ap.add_argument("--runner", choices=("inline", "pool"), default="pool")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0, help="0 lets the OS choose (printed in READY)")
-    ap.add_argument("--unix", default=None, help="listen on this Unix socket path instead")
     ap.add_argument("--loops", type=int, default=None, help="netpoll.set_num_loops(N) (default: library default)")
     args = ap.parse_args(argv)
     raise_nofile()

@@ -9,22 +9,13 @@ big-endian length + body) exact reads with ``recv_into`` into one reusable
 buffer, and the whole frame sent back with one ``sendall``. Prints
 ``READY <port>`` (or ``READY <path>``) once listening. SIGTERM/SIGINT stop it.
 """
-import argparse
 import os
-import resource
 import signal
 import socket
 import sys
 import threading
 
-
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+from common import base_parser, raise_nofile
 
 
 def handle_echo(sock):
@@ -80,11 +71,7 @@ def handle_framed(sock):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("echo", "framed"), default="echo")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0, help="0 lets the OS choose (printed in READY)")
-    ap.add_argument("--unix", default=None, help="listen on this Unix socket path instead")
+    ap = base_parser(__doc__)
     ap.add_argument("--backlog", type=int, default=4096)
     args = ap.parse_args(argv)
     raise_nofile()

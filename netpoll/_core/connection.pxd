@@ -41,4 +41,7 @@ cdef class Connection(Operator):
 
 cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object runner,
                                object owner)
+cdef int setup_connection(Connection conn, object on_request, object read_timeout,
+                          object write_timeout, object idle_timeout,
+                          size_t input_limit) except -1
 cdef int register_connection(Connection conn) except -1

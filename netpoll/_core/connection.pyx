@@ -2,11 +2,9 @@
 # poller, flushes that send directly from the calling thread, close callbacks,
 # and process(): the rule for calling on_request.
 
-import errno as _errno
 import logging
 import os
 import socket as _socket
-import threading
 
 from libc.stdint cimport int64_t, uint64_t
 
@@ -20,18 +18,18 @@ from netpoll._core.linkbuffer cimport (
 )
 from netpoll._core.poller cimport (
     Operator, Poller, np_conn_t, np_conn_new, np_conn_decref, np_poller_submit,
-    np_on_poller_thread, np_update_mask_locked, np_send_locked, np_read_direct,
+    np_on_poller_thread, np_update_mask_locked, np_relieve_limit_locked, np_send_locked, np_read_direct,
     np_flush_async, np_schedule_process, np_poller_kick,
     OP_CONN, RUN_POOL, RUN_INLINE, RUN_CUSTOM,
     TASK_TEARDOWN, TASK_ARM_IDLE, TASK_RESUME,
     CF_CLOSING, CF_USER_CLOSED, CF_PEER_EOF, CF_ERROR, CF_RUNNING, CF_SENDING,
-    CF_WANT_WRITE, CF_PAUSED, CF_LIMITED, CF_FD_CLOSED, CF_SHUT_WR, CF_TEARDOWN,
+    CF_WANT_WRITE, CF_PAUSED, CF_LIMITED, CF_FD_CLOSED, CF_SHUT_WR,
     CF_IDLE_FIRED, CF_HAS_HANDLER, CF_SHUT_WR_PENDING, CF_REGISTERED,
 )
 from netpoll._core.runner cimport WorkerPool
 
 from netpoll.errors import (
-    ConnectionClosedError, NetpollError, PeerClosedError, ReadTimeoutError, WriteTimeoutError,
+    ConnectionClosedError, PeerClosedError, ReadTimeoutError, WriteTimeoutError,
 )
 
 log = logging.getLogger("netpoll")
@@ -124,16 +122,11 @@ cdef class ConnReader(LinkBuffer):
                 pthread_mutex_lock(&c.lock)
                 c.want = 0
                 pthread_mutex_unlock(&c.lock)
-            if rc > W_ERROR:
-                rc = W_PEER
         else:
             with nogil:
                 pthread_mutex_lock(&c.lock)
                 c.want = n
-                if c.flags & CF_LIMITED:
-                    # A reader needs more than the limit allows: read on.
-                    c.flags &= ~CF_LIMITED
-                    np_update_mask_locked(c)
+                np_relieve_limit_locked(c)   # it may need more than the limit
                 while np_lb_readable(c.inbuf) < n:
                     if c.flags & CF_USER_CLOSED:
                         rc = W_CLOSED
@@ -167,10 +160,9 @@ cdef class ConnReader(LinkBuffer):
         self._check(LB_READ)
         c = self.conn.op
         np_lb_release(c.inbuf)
-        if c.flags & CF_LIMITED and c.input_limit and np_lb_readable(c.inbuf) < c.input_limit:
+        if c.flags & CF_LIMITED:
             pthread_mutex_lock(&c.lock)
-            c.flags &= ~CF_LIMITED
-            np_update_mask_locked(c)
+            np_relieve_limit_locked(c)
             pthread_mutex_unlock(&c.lock)
 
     def __repr__(self):
@@ -351,9 +343,7 @@ cdef class Connection(Operator):
                     return 0
                 np_lb_release(c.inbuf)
             pthread_mutex_lock(&c.lock)
-            if c.flags & CF_LIMITED and np_lb_readable(c.inbuf) < c.input_limit:
-                c.flags &= ~CF_LIMITED
-                np_update_mask_locked(c)
+            np_relieve_limit_locked(c)
             f = c.flags
             if f & CF_CLOSING:
                 pthread_mutex_unlock(&c.lock)
@@ -541,9 +531,7 @@ cdef class Connection(Operator):
             raise ValueError(f"input limit must be >= 0, got {nbytes}")
         pthread_mutex_lock(&c.lock)
         c.input_limit = <size_t>nbytes
-        if c.flags & CF_LIMITED and (nbytes == 0 or np_lb_readable(c.inbuf) < <size_t>nbytes):
-            c.flags &= ~CF_LIMITED
-            np_update_mask_locked(c)
+        np_relieve_limit_locked(c)
         pthread_mutex_unlock(&c.lock)
 
     def pause_read(self):
@@ -692,6 +680,23 @@ cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object ru
     return conn
 
 
+cdef int setup_connection(Connection conn, object on_request, object read_timeout,
+                          object write_timeout, object idle_timeout,
+                          size_t input_limit) except -1:
+    """Handler, timeouts and input limit of a connection not yet registered:
+    plain field stores (the register task arms the idle timer), so the
+    accept path queues no extra task per connection."""
+    cdef np_conn_t *c = conn.op
+    c.read_timeout_ns = _timeout_ns(read_timeout, "read timeout")
+    c.write_timeout_ns = _timeout_ns(write_timeout, "write timeout")
+    c.idle_timeout_ns = _timeout_ns(idle_timeout, "idle timeout")
+    c.input_limit = input_limit
+    conn._on_request = on_request
+    if on_request is not None:
+        c.flags |= CF_HAS_HANDLER
+    return 0
+
+
 cdef int register_connection(Connection conn) except -1:
     conn._poller._register(conn)
     return 0
@@ -702,12 +707,7 @@ def wrap_socket_fd(int fd, Poller poller, WorkerPool pool=None, runner="pool", o
     """Wrap a connected, non-blocking socket fd (ownership passes to the
     connection) and register it with `poller`. Used by the Dialer."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, owner)
-    conn.set_read_timeout(read_timeout)
-    conn.set_write_timeout(write_timeout)
-    conn.op.idle_timeout_ns = _timeout_ns(idle_timeout, "idle timeout")
+    setup_connection(conn, on_request, read_timeout, write_timeout, idle_timeout, 0)
     conn._connected = True
-    if on_request is not None:
-        conn._on_request = on_request
-        conn.op.flags |= CF_HAS_HANDLER
     register_connection(conn)
     return conn

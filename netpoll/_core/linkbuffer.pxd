@@ -85,7 +85,6 @@ cdef class LinkBuffer:
     cdef object __weakref__
     cdef bint owns             # False when the np_lb_t belongs to a connection
     cdef int mode              # LB_READ | LB_WRITE: which half of the API is allowed
-    cdef object owner_ref      # keeps the owner of a borrowed np_lb_t alive
 
     cdef int _check(self, int need) except -1
     # Hooks for connection buffers: block until n bytes are readable (or raise),

@@ -521,7 +521,6 @@ cdef class LinkBuffer:
         self.lb = NULL
         self.owns = False
         self.mode = LB_READ | LB_WRITE
-        self.owner_ref = None
 
     def __init__(self, size_hint=0):
         cdef Py_ssize_t hint = _size_arg(size_hint, "size_hint")
@@ -992,10 +991,11 @@ cdef class LinkBuffer:
             np_spin_lock(&lb.lock)
             pos = lb.readable + lb.unflushed - <size_t>remain
             node = lb.head
-            while acc + node.len < pos:   # pos > 0 holds: remain <= unflushed, remain > 0 ...
+            # 0 < remain <= unflushed, so pos is inside the data: the walk
+            # stops on the node containing pos, which is split there.
+            while acc + node.len < pos:
                 acc += node.len
                 node = node.next
-            # node holds byte pos-1 (or pos == acc + node.len): split it at pos.
             k = pos - acc
             after = node.next
             second.chunk = node.chunk

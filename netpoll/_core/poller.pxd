@@ -141,6 +141,7 @@ cdef void np_conn_decref(np_conn_t *c) noexcept nogil
 cdef int np_poller_submit(np_poller_t *p, int kind, void *op, void *arg) noexcept nogil
 cdef bint np_on_poller_thread(np_poller_t *p) noexcept nogil
 cdef void np_update_mask_locked(np_conn_t *c) noexcept nogil
+cdef void np_relieve_limit_locked(np_conn_t *c) noexcept nogil
 cdef int np_send_locked(np_conn_t *c) noexcept nogil
 cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil
 cdef void np_flush_async(np_conn_t *c) noexcept nogil

@@ -18,11 +18,11 @@ import threading
 
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
-    iovec, msghdr, recv, send, sendmsg, shutdown, SHUT_WR, close, poll, pollfd, POLLIN, POLLOUT,
+    iovec, msghdr, recv, send, sendmsg, shutdown, SHUT_WR, close, poll, pollfd, POLLIN,
     errno, EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED,
     ETIMEDOUT, EBADF,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
@@ -31,12 +31,12 @@ from netpoll._core.includes.system cimport (
     NP_EV_RDHUP, NP_POLL_MAX, NP_MSG_NOSIGNAL,
     np_atomic_inc_int, np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int,
     np_atomic_load_size,
-    np_atomic_cas_int, np_atomic_xchg_int, np_atomic_load_uint, np_monotonic_ns, np_accept, np_set_nodelay, np_is_inet,
+    np_atomic_cas_int, np_atomic_xchg_int, np_atomic_load_uint, np_monotonic_ns, np_accept,
     np_poll_create, np_poll_ctl, np_poll_wait, np_wakeup_create, np_wakeup_signal,
     np_wakeup_drain, np_wakeup_close,
 )
 from netpoll._core.linkbuffer cimport (
-    np_lb_t, np_lb_new, np_lb_free, np_lb_readable, np_lb_reserve, np_lb_commit,
+    np_lb_new, np_lb_free, np_lb_readable, np_lb_reserve, np_lb_commit,
     np_lb_iovecs, np_lb_consume, np_lb_release,
 )
 from netpoll._core.timer cimport (
@@ -295,13 +295,27 @@ cdef int _after_read_locked(np_conn_t *c, int st, size_t got, int64_t now) noexc
     return 0
 
 
+cdef void np_relieve_limit_locked(np_conn_t *c) noexcept nogil:
+    """Resume reading a connection stopped by its input limit once the rule
+    that stopped it (set in _after_read_locked) no longer holds: the buffer
+    fell below the limit, the limit was lifted, or a blocked reader wants
+    more than is buffered. Lock held."""
+    cdef size_t have
+    if not (c.flags & CF_LIMITED):
+        return
+    have = np_lb_readable(c.inbuf)
+    if c.input_limit == 0 or have < c.input_limit or have < c.want:
+        c.flags &= ~CF_LIMITED
+        np_update_mask_locked(c)
+
+
 cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
     """Blocking read on the poller thread itself (an inline handler waiting for
     c.want bytes): poll() this one socket, stalling the poller's other
     connections until the bytes arrive, the peer leaves, the connection is
     closed from another thread (the wake-up fd is polled too) or `deadline`
-    passes. Returns 0 when c.want bytes are readable, 1 peer closed, 2 closed
-    by us, 3 timeout, or an errno."""
+    passes. Returns 0 when c.want bytes are readable, 1 peer closed or socket
+    error (recorded in c.err), 2 closed by us, 3 timeout."""
     cdef pollfd pfds[2]
     cdef np_poller_t *p = c.poller
     cdef int64_t now
@@ -334,7 +348,10 @@ cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
         pfds[1].revents = 0
         r = poll(pfds, 2, ms)
         if r < 0 and errno != EINTR:
-            return errno
+            pthread_mutex_lock(&c.lock)
+            _after_read_locked(c, errno, 0, np_monotonic_ns())
+            pthread_mutex_unlock(&c.lock)
+            return 1
         if pfds[1].revents:
             # Another thread wants this poller (a close, a task): the tasks
             # stay queued for the loop, which checks them after this handler.

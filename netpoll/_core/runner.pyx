@@ -11,7 +11,7 @@
 
 import threading
 
-from cpython.mem cimport PyMem_RawMalloc, PyMem_RawRealloc, PyMem_RawFree
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (

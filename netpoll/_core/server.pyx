@@ -7,10 +7,11 @@ import threading
 from netpoll._core.includes.system cimport close, EMFILE, ENFILE, EINVAL
 from netpoll._core.poller cimport (
     Operator, Poller, np_conn_t, np_conn_new, np_conn_decref, np_poller_submit,
-    np_schedule_process, OP_LISTENER, TASK_TEARDOWN, CF_RUNNING, CF_HAS_HANDLER,
-    CF_CLOSING, CF_FD_CLOSED, CF_REGISTERED,
+    np_schedule_process, OP_LISTENER, TASK_TEARDOWN, CF_RUNNING,
+    CF_CLOSING, CF_FD_CLOSED,
 )
-from netpoll._core.connection cimport Connection, new_connection, register_connection
+from netpoll._core.connection cimport (Connection, new_connection, register_connection,
+                                       setup_connection)
 
 log = logging.getLogger("netpoll")
 
@@ -95,16 +96,9 @@ def accept_connection(int fd, Poller poller not None, pool, runner, server,
     if not server._track(conn):
         conn.close()             # the server is shutting down: refuse politely
         return None
-    conn.set_read_timeout(read_timeout)
-    conn.set_write_timeout(write_timeout)
-    conn.set_idle_timeout(idle_timeout)
-    if input_limit:
-        conn.set_input_limit(input_limit)
-    conn._on_request = on_request
+    setup_connection(conn, on_request, read_timeout, write_timeout, idle_timeout, input_limit)
     conn._on_connect = on_connect
     conn._on_disconnect = on_disconnect
-    if on_request is not None:
-        c.flags |= CF_HAS_HANDLER
     if on_prepare is not None:
         try:
             conn._ctx = on_prepare(conn)

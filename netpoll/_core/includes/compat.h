@@ -36,21 +36,12 @@ typedef struct np_event_s {
 
 /* ---------------------------------------------------------------- atomics */
 
-#define np_load_acq(p)        __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define np_load_relaxed(p)    __atomic_load_n((p), __ATOMIC_RELAXED)
-#define np_store_rel(p, v)    __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#define np_fetch_add(p, v)    __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
-#define np_fetch_sub(p, v)    __atomic_fetch_sub((p), (v), __ATOMIC_ACQ_REL)
-
 static inline int np_atomic_inc_int(int *p) { return __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }
 static inline int np_atomic_dec_int(int *p) { return __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL); }
 static inline int np_atomic_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void np_atomic_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline size_t np_atomic_load_size(size_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void np_atomic_store_size(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static inline size_t np_atomic_add_size(size_t *p, size_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
-static inline size_t np_atomic_sub_size(size_t *p, size_t v) { return __atomic_sub_fetch(p, v, __ATOMIC_ACQ_REL); }
-static inline uint64_t np_atomic_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
 /* Sequentially consistent exchange: a full barrier, so a load after it
  * cannot be satisfied before the exchange is visible (store->load order). */
 static inline int np_atomic_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
@@ -98,13 +89,6 @@ static inline int64_t np_monotonic_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-/* Absolute CLOCK_MONOTONIC deadline in ns -> timespec, for pthread_cond_timedwait
- * on a condition variable created with pthread_condattr_setclock(MONOTONIC). */
-static inline void np_ns_to_timespec(int64_t ns, struct timespec *ts) {
-    ts->tv_sec = (time_t)(ns / 1000000000LL);
-    ts->tv_nsec = (long)(ns % 1000000000LL);
 }
 
 /* ------------------------------------------------------- socket helpers */

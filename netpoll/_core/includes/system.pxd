@@ -1,7 +1,7 @@
 # C declarations used by the core, all callable without the GIL.
 # Platform differences live in compat.h; this file only declares.
 
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -133,9 +133,6 @@ cdef extern from "compat.h" nogil:
     int np_atomic_xchg_int(int *p, int v)
     size_t np_atomic_load_size(size_t *p)
     void np_atomic_store_size(size_t *p, size_t v)
-    size_t np_atomic_add_size(size_t *p, size_t v)
-    size_t np_atomic_sub_size(size_t *p, size_t v)
-    uint64_t np_atomic_add_u64(uint64_t *p, uint64_t v)
 
     int64_t np_monotonic_ns()
 
