@@ -274,10 +274,16 @@ def test_write_timeout_on_a_dialed_connection(record_property, big_payload):
                                                                timeout=1.0)
         peer, _ = lst.accept()            # and never read
         with peer:
+            # The timeout governs flush(): start the clock there, not before
+            # write_binary's copy of 64 MiB (~40 ms here, much more under load).
+            conn.writer.write_binary(big_payload)
             t0 = time.monotonic()
             with pytest.raises(netpoll.WriteTimeoutError):
-                conn.write(big_payload)
+                conn.writer.flush()
             _lateness(record_property, "dialed write timeout", time.monotonic() - t0, T, 0.2)
+            # conn.write() is bounded the same way (the output is still stuck).
+            with pytest.raises(netpoll.WriteTimeoutError):
+                conn.write(b"x")
             conn.close()
     finally:
         lst.close()
