@@ -92,6 +92,7 @@ cdef struct np_conn_t:
     np_taskq_t *pool           # RUN_POOL target
     size_t want                # bytes a blocked reader waits for
     size_t rx_chunk            # adaptive size of new input chunks (poller thread only)
+    size_t rx_last             # bytes of the last burst read (poller thread only)
     size_t input_limit         # 0: none
     uint64_t rx_seq            # bumps on every commit of new input
     int64_t read_timeout_ns    # < 0: none

@@ -230,16 +230,22 @@ cdef int _read_socket(np_conn_t *c, int64_t now, size_t *got) noexcept nogil:
     the thread that owns the input side (the poller, or an inline handler on
     it). Returns 0, 1 at EOF, or errno."""
     cdef char *p
-    cdef size_t cap, want, have, room
+    cdef size_t cap, want, have, room, hint
     cdef ssize_t r
     cdef int budget = READ_BUDGET
     cdef int e
     got[0] = 0
     if c.rx_chunk == 0:
         c.rx_chunk = RX_CHUNK_MIN
+    # Ask for contiguous room for a burst like the last one: a request/response
+    # peer sends messages of similar size, and one that lands whole in a
+    # chunk is handed out as a view instead of being copied together.
+    hint = c.rx_last if c.rx_last < RX_CHUNK_MAX else RX_CHUNK_MAX
+    if hint < RECV_HINT:
+        hint = RECV_HINT
     while budget > 0:
         want = c.want - np_lb_readable(c.inbuf) if c.want > np_lb_readable(c.inbuf) else 0
-        p = np_lb_reserve(c.inbuf, want if want > RECV_HINT else RECV_HINT, c.rx_chunk, &cap)
+        p = np_lb_reserve(c.inbuf, want if want > hint else hint, c.rx_chunk, &cap)
         if p == NULL:
             return ENOMEM
         if c.input_limit:
@@ -258,9 +264,10 @@ cdef int _read_socket(np_conn_t *c, int64_t now, size_t *got) noexcept nogil:
             np_lb_commit(c.inbuf, <size_t>r)
             got[0] += <size_t>r
             if <size_t>r < cap:
+                c.rx_last = got[0]
                 # The socket is very likely drained. Shrink the chunk size
                 # slowly when reads stay small (idle memory matters).
-                if <size_t>r * 8 < c.rx_chunk and c.rx_chunk > RX_CHUNK_MIN:
+                if got[0] * 8 < c.rx_chunk and c.rx_chunk > RX_CHUNK_MIN:
                     c.rx_chunk >>= 1
                 return 0
             # recv filled the room: bigger chunks mean fewer recv() calls and
