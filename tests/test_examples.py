@@ -419,3 +419,14 @@ def test_resp_server_under_redis_benchmark(start_example, pipeline):
     assert "ERROR" not in out.stdout + out.stderr and "WARNING" not in out.stderr, out.stderr
     assert set(results) == set(REDIS_TESTS), out.stdout
     assert all(float(v) > 0 for v in results.values()), results
+
+
+# ======================================================================
+# linkbuffer_demo (no server)
+# ======================================================================
+
+@pytest.mark.timeout(30)
+def test_linkbuffer_demo_runs():
+    out = run_client("linkbuffer_demo.py")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "chunks still referenced after dropping the frames: 0" in out.stdout, out.stdout
