@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import netpoll
 
@@ -60,7 +60,7 @@ class RpcClient:
             with self._lock:
                 self._idle.append(conn)
 
-    def _take_idle(self) -> "netpoll.Connection | None":
+    def _take_idle(self) -> Optional[netpoll.Connection]:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()                  # most recently used: warmest
@@ -71,22 +71,22 @@ class RpcClient:
 
     def sha256(self, data: bytes) -> bytes:
         """Ask the server for the SHA-256 of `data`."""
-        for attempt in (1, 2):
-            try:
-                with self.connection() as conn:
-                    conn.writer.write_binary(HEADER.pack(len(data)))
-                    conn.writer.write_binary(data)
-                    conn.writer.flush()
-                    (length,) = HEADER.unpack(conn.reader.next(HEADER.size))
-                    reply = conn.reader.read_binary(length)
-                    conn.reader.release()
-                    return reply
-            except netpoll.ConnectionClosedError:
-                # The server may close an idle connection just after is_active()
-                # said yes; sha256 is idempotent, so retry once on a new one.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._call(data)
+        except netpoll.ConnectionClosedError:
+            # The server may close an idle connection just after is_active()
+            # said yes; sha256 is idempotent, so retry once on a new one.
+            return self._call(data)
+
+    def _call(self, data: bytes) -> bytes:
+        with self.connection() as conn:
+            conn.writer.write_binary(HEADER.pack(len(data)))
+            conn.writer.write_binary(data)
+            conn.writer.flush()                          # blocks until sent
+            (length,) = HEADER.unpack(conn.reader.next(HEADER.size))
+            reply = conn.reader.read_binary(length)      # blocks until the reply is in
+            conn.reader.release()
+            return reply
 
     def close(self) -> None:
         with self._lock:

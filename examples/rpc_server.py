@@ -1,4 +1,4 @@
-"""RPC server: length-prefixed frames, a worker per request, zero-copy frames.
+"""RPC server: length-prefixed frames served on the worker pool, zero-copy.
 
 Protocol (one method): a request is a frame, a 4-byte big-endian length and
 that many bytes of body; the reply is a frame holding the 32-byte SHA-256
