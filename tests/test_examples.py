@@ -23,10 +23,15 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+import netpoll
 from netutil import read_frame, recv_exact, sees_eof, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+# The examples import the same netpoll as these tests, wherever it lives.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (str(Path(netpoll.__file__).resolve().parent.parent),
+                os.environ.get("PYTHONPATH")) if p))
 LISTENING = re.compile(r"listening on (?:unix:(?P<path>.+)|(?P<host>.+):(?P<port>\d+))")
 
 
@@ -41,7 +46,7 @@ class Example:
         self.name = name
         self.stderr = open(logdir / f"{name}.stderr", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, text=True,
+            [sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, env=ENV, text=True,
             stdout=subprocess.PIPE, stderr=self.stderr)
         line = self._first_line(timeout)
         m = LISTENING.fullmatch(line.strip())
@@ -107,7 +112,7 @@ def start_example(tmp_path):
 
 
 def run_client(name: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
