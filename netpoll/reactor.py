@@ -232,8 +232,11 @@ class Acceptor:
             if self.closed:
                 return
             self.closed = True
+        # On one of the reactor's pollers, do not wait for the teardown: that
+        # poller is the one that performs it, after this callback returns.
+        wait = 0 if self._reactor._current_index() >= 0 else 1.0
         for op in self._ops:
-            op.close()
+            op.close(wait)
         self._reactor._unregister_acceptor(self)
         if self._unix_path is not None:
             try:

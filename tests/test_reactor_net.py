@@ -381,3 +381,23 @@ def test_connect_pool_bad_args(running):
         netpoll.ConnectPool(c, "127.0.0.1:1", Client, min_idle="1")
     with pytest.raises(TypeError):
         netpoll.ConnectPool(c, "127.0.0.1:1", 5)
+
+
+def test_acceptor_close_from_a_callback_does_not_stall(running):
+    r = running().reactor
+    took = []
+
+    class H(Recorder):
+        def on_read(self):
+            t0 = time.monotonic()
+            acc.close()
+            took.append(time.monotonic() - t0)
+            return super().on_read()
+
+    acc = netpoll.Acceptor(r, "127.0.0.1:0", H)
+    echo_roundtrip(acc.addr)
+    assert took and took[0] < 0.5
+    with pytest.raises(OSError):
+        for _ in range(50):          # the listener goes away promptly
+            client(acc.addr, timeout=1).close()
+            time.sleep(0.01)

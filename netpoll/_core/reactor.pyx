@@ -84,6 +84,11 @@ cdef enum:
 
 cdef uint64_t g_next_tid = 0     # timer ids: distinct for the whole process (GIL)
 
+# Reactors whose pollers run. Their threads use memory the Reactor owns
+# (timers, control blocks), so a reactor that was not stopped must never be
+# collected: it stays here until its shutdown completes.
+cdef set g_live_reactors = set()
+
 
 cdef inline uint64_t _new_tid():
     global g_next_tid
@@ -1125,6 +1130,7 @@ cdef class Reactor:
         self._rps = [_ReactorPoller(self, i, read_buffer_size) for i in range(poll_num)]
         for rp in self._rps:
             (<_ReactorPoller>rp).poller.start()
+        g_live_reactors.add(self)
 
     # ---- handlers ----
 
@@ -1353,8 +1359,12 @@ cdef class Reactor:
         for ev in events:
             if not ev.wait(10):
                 log.warning("netpoll: a reactor poller did not shut down in time")
+        alive = False
         for rp in self._rps:
             (<_ReactorPoller>rp).poller.stop(5)
+            alive = alive or (<_ReactorPoller>rp).poller.is_alive()
+        if not alive:
+            g_live_reactors.discard(self)
         self._done_event.set()
 
     def wait_stopped(self, timeout=None):
