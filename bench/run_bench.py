@@ -44,6 +44,7 @@ SERVERS = {
     "asyncio": ("asyncio_server.py", []),
     "uvloop": ("asyncio_server.py", ["--uvloop"]),
     "threaded": ("threaded_server.py", []),
+    "c-epoll": ("c_epoll_server.py", []),   # reference ceiling: no Python at all
 }
 BASELINE = "uvloop"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

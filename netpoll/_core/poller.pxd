@@ -144,11 +144,15 @@ cdef struct np_poller_t:
     np_timer_heap_t timers
     np_conn_t wake_op
     np_event_t *evs
+    int ev_n                   # events of the last poll_wait ...
+    int ev_i                   # ... and the next one to handle (a batch may be cut in slices)
+    int ev_held                # events from ev_i on hold a reference on their operator
     np_conn_t *gil_head        # built without the GIL, consumed with it
     np_conn_t *flush_head
     uint64_t loops             # statistics
     uint64_t events
     uint64_t gil_batches
+    uint64_t slices            # batches cut by slice_bytes
 
 # ---- C API used by connection/eventloop (all without the GIL) ----
 cdef np_conn_t *np_conn_new(int fd, int kind) noexcept nogil
