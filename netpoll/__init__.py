@@ -20,6 +20,18 @@ from netpoll.errors import (
 )
 from netpoll.eventloop import EventLoop
 from netpoll.listener import Listener, create_listener
+from netpoll.reactor import (
+    EV_ET,
+    EV_IN,
+    EV_IN_ET,
+    EV_OUT,
+    EV_OUT_ET,
+    Acceptor,
+    ConnectPool,
+    Connector,
+    EvHandler,
+    Reactor,
+)
 
 __version__ = "0.1.0"
 
@@ -46,5 +58,15 @@ __all__ = [
     "ReadTimeoutError",
     "WriteTimeoutError",
     "DialTimeoutError",
+    "Reactor",
+    "EvHandler",
+    "Acceptor",
+    "Connector",
+    "ConnectPool",
+    "EV_IN",
+    "EV_OUT",
+    "EV_ET",
+    "EV_IN_ET",
+    "EV_OUT_ET",
     "__version__",
 ]

@@ -18,6 +18,7 @@ cdef enum:
     OP_CONN = 1
     OP_LISTENER = 2
     OP_WAKEUP = 3
+    OP_HANDLER = 4    # a Reactor EvHandler (or a reactor poller's control op): see reactor.pyx
 
 # Connection flags (np_conn_t.flags, changed under np_conn_t.lock).
 cdef enum:
@@ -46,6 +47,7 @@ cdef enum:
     GR_PROCESS = 1
     GR_TEARDOWN = 2
     GR_ACCEPT = 4
+    GR_HANDLER = 8    # OP_HANDLER: ready events in hready, or a reactor hook fired
 
 # How a connection's process() is run.
 cdef enum:
@@ -67,6 +69,7 @@ cdef enum:
     TASK_ARM_IDLE = 3
     TASK_RESUME = 4
     TASK_PROCESS = 5  # schedule process() (RUNNING already set by the submitter)
+    TASK_CALL = 6     # arg is an np_hook_t: call its fn on the poller thread (t = NULL)
 
 cdef struct np_task_t:
     int kind
@@ -74,6 +77,17 @@ cdef struct np_task_t:
     void *arg
 
 cdef struct np_poller_t
+
+# Extension hook for the Reactor (reactor.pyx), so that the poller needs no
+# knowledge of it: a TM_USER timer's `data` and a TASK_CALL task's `arg`
+# point to an np_hook_t (as the first member of the owner's struct); the
+# poller calls fn on its own thread without the GIL (t: the expired timer,
+# or NULL for a task).
+cdef struct np_hook_t
+ctypedef void (*np_hook_fn)(np_poller_t *p, np_hook_t *h, np_timer_t *t,
+                            int64_t now) noexcept nogil
+cdef struct np_hook_t:
+    np_hook_fn fn
 
 cdef struct np_conn_t:
     int kind                   # OP_CONN / OP_LISTENER / OP_WAKEUP
@@ -111,6 +125,8 @@ cdef struct np_conn_t:
     int *accepted
     int naccepted
     int accept_errno
+    # OP_HANDLER: events seen since the last GIL phase (poller thread only)
+    uint32_t hready
 
 cdef struct np_poller_t:
     int pfd
@@ -153,6 +169,8 @@ cdef void np_flush_async(np_conn_t *c) noexcept nogil
 cdef void np_poller_kick(np_poller_t *p) noexcept nogil
 cdef void np_schedule_process(np_conn_t *c) noexcept nogil   # RUNNING set by the caller
 cdef void np_pool_item(void *item) noexcept
+# Queue c for this batch's GIL phase with a GR_* reason (poller thread only).
+cdef void np_gil_list_add(np_poller_t *p, np_conn_t *c, int reason) noexcept nogil
 
 
 cdef class Operator:

@@ -453,6 +453,10 @@ cdef inline void _gil_list_add(np_poller_t *p, np_conn_t *c, int reason) noexcep
     c.gil_reasons |= reason
 
 
+cdef void np_gil_list_add(np_poller_t *p, np_conn_t *c, int reason) noexcept nogil:
+    _gil_list_add(p, c, reason)
+
+
 cdef void _schedule(np_poller_t *p, np_conn_t *c) noexcept nogil:
     """Run process() for c (RUNNING already set): on the pool without the GIL,
     or in this batch's GIL phase."""
@@ -625,6 +629,9 @@ cdef void _arm_idle(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
 cdef void _on_timer(np_poller_t *p, np_timer_t *t, int64_t now) noexcept nogil:
     cdef np_conn_t *c = <np_conn_t *>t.data
     cdef bint sched = False
+    if t.kind == TM_USER:
+        (<np_hook_t *>t.data).fn(p, <np_hook_t *>t.data, t, now)
+        return
     if t.kind == TM_BACKOFF:
         pthread_mutex_lock(&c.lock)
         if not (c.flags & (CF_FD_CLOSED | CF_CLOSING)) and c.events == 0:
@@ -740,6 +747,8 @@ cdef void _run_tasks(np_poller_t *p, int64_t now) noexcept nogil:
                 _schedule(p, c)
         elif tasks[i].kind == TASK_PROCESS:
             _gil_list_add(p, c, GR_PROCESS)
+        elif tasks[i].kind == TASK_CALL:
+            (<np_hook_t *>tasks[i].arg).fn(p, <np_hook_t *>tasks[i].arg, NULL, now)
         if c != NULL:
             np_conn_decref(c)
     PyMem_RawFree(tasks)
@@ -765,6 +774,12 @@ cdef inline void _dispatch(np_poller_t *p, np_conn_t *c, uint32_t ev, int64_t no
     elif c.kind == OP_LISTENER:
         if not (np_atomic_load_uint(&c.flags) & CF_FD_CLOSED):
             _on_accept(p, c, now)
+    elif c.kind == OP_HANDLER:
+        # Reactor handler: record what is ready, its callbacks run in the
+        # GIL phase (reads happen there, in on_read, as in goev).
+        if not (np_atomic_load_uint(&c.flags) & CF_FD_CLOSED):
+            c.hready |= ev
+            _gil_list_add(p, c, GR_HANDLER)
     else:
         _wake_ack(p)
 
@@ -936,7 +951,7 @@ cdef class Poller:
                     # the listener's teardown): events first, so nothing
                     # accepted is dropped, then the teardown.
                     try:
-                        if reasons & (GR_PROCESS | GR_ACCEPT):
+                        if reasons & (GR_PROCESS | GR_ACCEPT | GR_HANDLER):
                             op._on_poller_event()
                     except BaseException:
                         log.exception("netpoll: unexpected error in the poller's dispatch")

@@ -28,6 +28,7 @@
 #define NP_EV_HUP   0x4u   /* peer hung up (both directions) */
 #define NP_EV_ERR   0x8u
 #define NP_EV_RDHUP 0x10u  /* peer shut down its write side */
+#define NP_EV_ET    0x20u  /* np_poll_ctl only: edge-triggered (Reactor EV_*_ET) */
 
 typedef struct np_event_s {
     void *ptr;
@@ -150,6 +151,7 @@ static inline uint32_t np__to_epoll(uint32_t ev) {
     uint32_t e = 0;
     if (ev & NP_EV_READ) e |= EPOLLIN | EPOLLRDHUP;
     if (ev & NP_EV_WRITE) e |= EPOLLOUT;
+    if (ev & NP_EV_ET) e |= EPOLLET;
     return e;
 }
 
@@ -215,12 +217,12 @@ static inline int np_poll_ctl(int pfd, int op, int fd, uint32_t ev, uint32_t old
     int n = 0;
     if (op == 2) ev = 0;
     if ((ev & NP_EV_READ) && (op == 0 || !(old & NP_EV_READ))) {
-        EV_SET(&ch[n++], fd, EVFILT_READ, EV_ADD, 0, 0, ptr);
+        EV_SET(&ch[n++], fd, EVFILT_READ, EV_ADD | ((ev & NP_EV_ET) ? EV_CLEAR : 0), 0, 0, ptr);
     } else if (!(ev & NP_EV_READ) && op != 0 && (old & NP_EV_READ)) {
         EV_SET(&ch[n++], fd, EVFILT_READ, EV_DELETE, 0, 0, ptr);
     }
     if ((ev & NP_EV_WRITE) && (op == 0 || !(old & NP_EV_WRITE))) {
-        EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_ADD, 0, 0, ptr);
+        EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_ADD | ((ev & NP_EV_ET) ? EV_CLEAR : 0), 0, 0, ptr);
     } else if (!(ev & NP_EV_WRITE) && op != 0 && (old & NP_EV_WRITE)) {
         EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_DELETE, 0, 0, ptr);
     }

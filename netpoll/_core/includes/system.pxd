@@ -115,6 +115,7 @@ cdef extern from "compat.h" nogil:
         void *ptr
         uint32_t events
     uint32_t NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP
+    uint32_t NP_EV_ET
     int NP_POLL_MAX
     int NP_MSG_NOSIGNAL
 

@@ -1,0 +1,151 @@
+"""HTTP plaintext on the Reactor beside uvloop + httptools, driven by wrk.
+
+    python bench/bench_reactor_http.py [--duration 5] [--reps 3] [--conns 2,64]
+
+Like goev's techempower example: a fixed response to `GET /plaintext`, keep
+alive, pipelining-tolerant (requests are counted by their "\\r\\n\\r\\n").
+Each server runs in its own process pinned to CPU 0 (`taskset -c 0`), wrk
+(`-t1`) to CPU 1; the servers alternate, each run is the median of `--reps`.
+Prints req/s and the reactor/uvloop ratio.
+
+    python bench/bench_reactor_http.py --serve reactor --port P   # one server
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+BODY = b"Hello, World!"
+RESP = (b"HTTP/1.1 200 OK\r\nServer: bench\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+
+
+def serve_reactor(port: int) -> None:
+    import netpoll
+
+    class Http(netpoll.EvHandler):
+        def on_open(self) -> bool:
+            self.tail = b""
+            self.get_reactor().add_ev_handler(self, self.fd(), netpoll.EV_IN)
+            return True
+
+        def on_read(self) -> bool:
+            data = self.read()
+            if not data:
+                return False
+            buf = self.tail + bytes(data) if self.tail else bytes(data)
+            n = buf.count(b"\r\n\r\n")
+            if n:
+                self.write(RESP if n == 1 else RESP * n)
+                self.tail = buf[buf.rfind(b"\r\n\r\n") + 4:]
+            else:
+                self.tail = buf
+                if len(buf) > 65536:
+                    return False
+            return True
+
+    reactor = netpoll.Reactor(poll_num=1)
+    netpoll.Acceptor(reactor, ("127.0.0.1", port), Http)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.stop())
+    print("ready", flush=True)
+    reactor.run()
+
+
+def serve_uvloop(port: int) -> None:
+    import asyncio
+
+    import httptools
+    import uvloop
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.t = transport
+            self.p = httptools.HttpRequestParser(self)
+
+        def data_received(self, data):
+            try:
+                self.p.feed_data(data)
+            except httptools.HttpParserError:
+                self.t.close()
+
+        def on_message_complete(self):
+            self.t.write(RESP)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(Proto, "127.0.0.1", port, backlog=1024)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        srv.close()
+
+    uvloop.install()
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def run_once(kind: str, conns: int, duration: int) -> float:
+    port = free_port()
+    srv = subprocess.Popen(["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
+                            "--serve", kind, "--port", str(port)], stdout=subprocess.PIPE)
+    try:
+        assert srv.stdout.readline().strip() == b"ready"
+        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s",
+                              f"http://127.0.0.1:{port}/plaintext"],
+                             capture_output=True, text=True, timeout=duration + 30).stdout
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if not m or "Non-2xx" in out or "Socket errors" in out:
+            print(out, file=sys.stderr)
+        return float(m.group(1)) if m else 0.0
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+        srv.stdout.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", choices=["reactor", "uvloop"])
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--conns", default="2,64")
+    args = ap.parse_args()
+    if args.serve == "reactor":
+        return serve_reactor(args.port)
+    if args.serve == "uvloop":
+        return serve_uvloop(args.port)
+    for conns in [int(c) for c in args.conns.split(",")]:
+        res = {"reactor": [], "uvloop": []}
+        for _ in range(args.reps):
+            for kind in ("reactor", "uvloop"):          # alternate
+                res[kind].append(run_once(kind, conns, args.duration))
+                time.sleep(0.5)
+        med = {k: statistics.median(v) for k, v in res.items()}
+        print(f"wrk -t1 -c{conns} -d{args.duration}s: reactor {med['reactor']:.0f} req/s "
+              f"{[round(x) for x in res['reactor']]}, uvloop+httptools {med['uvloop']:.0f} req/s "
+              f"{[round(x) for x in res['uvloop']]}, ratio {med['reactor'] / med['uvloop']:.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

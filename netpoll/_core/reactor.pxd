@@ -1,0 +1,85 @@
+# goev's Reactor on netpoll's pollers: EvHandler objects whose callbacks run
+# on the poller thread that owns them (see reactor.pyx for the guarantees).
+
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from netpoll._core.poller cimport Operator, Poller, np_conn_t, np_hook_t
+from netpoll._core.timer cimport np_timer_t
+from netpoll._core.linkbuffer cimport np_chunk_t
+
+
+# A handler timer. `t` comes first: the heap holds &t and the expiry hook
+# casts it back. Created, fired, re-armed and freed on the poller thread only.
+cdef struct np_utimer_t:
+    np_timer_t t
+    np_utimer_t *next          # fired list (poller thread)
+    int64_t interval_ns        # 0: one-shot
+    uint64_t tid
+    void *handler              # borrowed EvHandler; NULL once the handler closed (orphan)
+    int internal               # 1: a Connector's connect timeout (no on_timeout)
+
+
+# Per-poller control block. `hook` comes first: TM_USER timers' data and
+# TASK_CALL tasks' arg point here.
+cdef struct rp_ctl_t:
+    np_hook_t hook
+    np_conn_t *op              # the control operator (OP_HANDLER, no fd)
+    np_utimer_t *fired_head
+    np_utimer_t *fired_tail
+    int wake_pending           # atomic: a TASK_CALL is queued
+
+
+cdef class _ReactorPoller(Operator):
+    cdef readonly Poller poller
+    cdef readonly int index
+    cdef rp_ctl_t *ctl
+    cdef object reactor_ref    # weakref to the Reactor
+    cdef object xq             # deque of cross-thread requests, drained on the poller
+    cdef dict handlers         # id -> EvHandler bound here (strong refs until closed)
+    cdef dict pcache           # poller-local cache (poll_sync / pcached_get)
+    cdef np_chunk_t *rchunk    # the shared read buffer (refcounted: views keep it)
+    cdef size_t rbuf_size
+    cdef bint stopping
+
+    cdef int _post(self, object item) except -1
+    cdef bint _is_current(self) noexcept
+    cdef int _drain_fired(self, int64_t now) except -1
+    cdef int _handle(self, object item) except -1
+
+
+cdef class EvHandler(Operator):
+    cdef _ReactorPoller rp
+    cdef object _reactor
+    cdef uint32_t umask        # EV_* the user asked for
+    cdef bint registered       # add_ev_handler succeeded
+    cdef bint connecting       # a Connector's connect is in progress
+    cdef bint closed
+    cdef bint eof_seen         # read() saw EOF or an error: stop asking for EV_IN
+    cdef bint flush_posted     # a "flush" request is queued on the poller
+    cdef bint above_high
+    cdef dict _timers          # tid -> np_utimer_t address (poller thread only)
+    cdef set _cancelled        # tids cancelled (any thread), pending the poller
+    cdef list _wcb             # [target_total, callback] of async_write (GIL-protected)
+    cdef uint64_t queued_total # bytes ever accepted by write/async_write
+    cdef uint64_t sent_total   # bytes ever sent
+    cdef Py_ssize_t high_wm
+    cdef Py_ssize_t low_wm
+    cdef int err               # errno of a failed write
+    cdef uint64_t connect_tid
+    cdef object connect_addr
+    cdef object connect_timeout
+    cdef public object _pool   # ConnectPool bookkeeping (netpoll.reactor)
+
+    cdef int _bind(self, _ReactorPoller rp) except -1
+    cdef int _sync_mask(self) except -1
+    cdef int _dispatch(self, uint32_t ev) except -1
+    cdef int _flush(self) except -1
+    cdef int _check_high(self) except -1
+    cdef int _after_progress(self) except -1
+    cdef int _close(self, object err) except -1
+    cdef int _connect_failed(self, object exc) except -1
+    cdef int _finish_connect(self, uint32_t ev) except -1
+    cdef uint64_t _add_timer(self, int64_t when, int64_t interval_ns, int internal,
+                             uint64_t tid) except 0
+    cdef int _timer_fired(self, np_utimer_t *u, int64_t now) except -1
+    cdef int _cancel_local(self, uint64_t tid) except -1
+    cdef int _drop_timers(self) except -1

@@ -1,0 +1,459 @@
+"""goev's Reactor model: the thin Python pieces around ``netpoll._core.reactor``.
+
+``Reactor``, ``EvHandler`` and the event masks live in Cython (the per-event
+work); this module holds what runs once per connection or per listener:
+``Acceptor`` (listening sockets, one per poller with ``reuse_port``),
+``Connector`` (non-blocking connect with a timeout) and ``ConnectPool``.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+from typing import Any, Callable, List, Optional, Tuple
+
+from netpoll._core.reactor import (  # noqa: F401  (re-exported)
+    EV_ET,
+    EV_IN,
+    EV_IN_ET,
+    EV_OUT,
+    EV_OUT_ET,
+    EvHandler,
+    Reactor,
+    conn_error,
+)
+from netpoll._core.server import Acceptor as _ListenOp
+
+__all__ = [
+    "Reactor",
+    "EvHandler",
+    "Acceptor",
+    "Connector",
+    "ConnectPool",
+    "EV_IN",
+    "EV_OUT",
+    "EV_ET",
+    "EV_IN_ET",
+    "EV_OUT_ET",
+]
+
+log = logging.getLogger("netpoll")
+
+
+def _split(address: Any) -> Tuple[int, Any]:
+    """("unix", path) for "unix:/path", else (AF_UNSPEC, (host, port)) for
+    "host:port", "[v6]:port", ":port" or a (host, port) tuple."""
+    if isinstance(address, str) and address.startswith("unix:"):
+        path = address[5:]
+        if not path or "\0" in path:
+            raise ValueError(f"invalid unix socket path {path!r}")
+        return socket.AF_UNIX, path
+    if isinstance(address, tuple):
+        if len(address) < 2:
+            raise ValueError("address tuple must be (host, port)")
+        host, port = address[0], address[1]
+    elif isinstance(address, str):
+        host, sep, port_s = address.rpartition(":")
+        if not sep:
+            raise ValueError(f"address {address!r} lacks a port (host:port or unix:/path)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise ValueError(f"invalid port in {address!r}") from None
+    else:
+        raise TypeError("address must be 'host:port', 'unix:/path' or a (host, port) tuple, "
+                        f"not {type(address).__name__}")
+    if not isinstance(host, str):
+        raise TypeError("host must be a str")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}")
+    return socket.AF_UNSPEC, (host, port)
+
+
+def _check_reactor(reactor: Any) -> None:
+    if not isinstance(reactor, Reactor):
+        raise TypeError(f"reactor must be a netpoll.Reactor, not {type(reactor).__name__}")
+
+
+class _Sink:
+    """What the internal listener operator calls for every accepted fd (on
+    the poller thread that accepted it)."""
+
+    __slots__ = ("acceptor", "index")
+
+    def __init__(self, acceptor: "Acceptor", index: int):
+        self.acceptor = acceptor
+        self.index = index
+
+    def _accept(self, fd: int) -> None:
+        self.acceptor._accepted(fd, self.index)
+
+
+class Acceptor:
+    """Listen on `address` and give every accepted connection to a new
+    handler from ``factory()`` (called with no arguments), whose ``on_open``
+    then runs on the handler's poller.
+
+    address: "host:port" (IPv4 or IPv6, "[::1]:0"), a (host, port) tuple, or
+    "unix:/path". ``addr`` is the bound address ((host, port), or the path).
+
+    With ``reuse_port=True`` (TCP), one SO_REUSEPORT socket per poller, each
+    watched by its own poller (explicitly, not by fd number); connections
+    stay on the poller that accepted them unless on_open moves them
+    (``add_ev_handler(..., poller=i)``). Without it, one listening socket on
+    poller 0 and the accepted connections are spread round-robin over the
+    pollers. Accept runs without the GIL; when the process is out of file
+    descriptors the listener pauses ~50 ms instead of spinning.
+    """
+
+    def __init__(self, reactor: Reactor, address: Any, factory: Callable[[], EvHandler],
+                 reuse_port: bool = False, reuse_addr: bool = True, backlog: int = 512,
+                 rcvbuf: int = 0):
+        _check_reactor(reactor)
+        if not callable(factory):
+            raise TypeError("factory must be callable (called with no arguments)")
+        for name, v in (("reuse_port", reuse_port), ("reuse_addr", reuse_addr)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool")
+        for name, v in (("backlog", backlog), ("rcvbuf", rcvbuf)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0")
+        family, addr = _split(address)
+        self._reactor = reactor
+        self._factory = factory
+        self._ops: List[_ListenOp] = []
+        self._unix_path: Optional[str] = None
+        self._rr = 0
+        self._lock = threading.Lock()
+        self.closed = False
+        socks = self._listen(family, addr, reuse_port, reuse_addr, backlog, rcvbuf,
+                             reactor.poll_num)
+        try:
+            reactor._register_acceptor(self)
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        self._spread = len(socks) == 1 and reactor.poll_num > 1
+        for i, s in enumerate(socks):
+            fd = s.detach()
+            self._ops.append(_ListenOp(fd, reactor._poller(i), _Sink(self, i)))
+
+    def _listen(self, family, addr, reuse_port, reuse_addr, backlog, rcvbuf, n):
+        if family == socket.AF_UNIX:
+            path = addr
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                pass
+            else:
+                if not stat.S_ISSOCK(st.st_mode):
+                    raise FileExistsError(f"{path!r} exists and is not a socket")
+                os.unlink(path)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if rcvbuf:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                s.bind(path)
+                s.listen(backlog)
+                s.setblocking(False)
+            except BaseException:
+                s.close()
+                raise
+            self._unix_path = path
+            self.addr: Any = path
+            return [s]
+        host, port = addr
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+        if not infos:
+            raise OSError(f"cannot resolve {host!r}")
+        fam, stype, proto, _, sockaddr = infos[0]
+        count = n if reuse_port else 1
+        if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("reuse_port is not supported on this platform")
+        socks: List[socket.socket] = []
+        try:
+            for _ in range(count):
+                s = socket.socket(fam, stype, proto)
+                socks.append(s)
+                if reuse_addr:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if rcvbuf:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                s.bind(sockaddr)
+                if sockaddr[1] == 0:
+                    # Port 0: the first socket picks, the others join it.
+                    sockaddr = (sockaddr[0], s.getsockname()[1]) + tuple(sockaddr[2:])
+                s.listen(backlog)
+                s.setblocking(False)
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        name = socks[0].getsockname()
+        self.addr = (name[0], name[1])
+        return socks
+
+    def _accepted(self, fd: int, index: int) -> None:
+        if self.closed:
+            os.close(fd)
+            return
+        if self._spread:
+            self._rr += 1
+            index = self._rr % self._reactor.poll_num
+        try:
+            handler = self._factory()
+        except BaseException:
+            log.exception("netpoll: Acceptor factory raised; closing the connection")
+            os.close(fd)
+            return
+        if not isinstance(handler, EvHandler):
+            log.error("netpoll: Acceptor factory returned %r, not an EvHandler", handler)
+            os.close(fd)
+            return
+        try:
+            self._reactor._attach(handler, fd, index)
+        except BaseException:
+            log.exception("netpoll: cannot attach an accepted connection")
+
+    def close(self) -> None:
+        """Stop listening (idempotent); open connections are not affected."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        # On one of the reactor's pollers, do not wait for the teardown: that
+        # poller is the one that performs it, after this callback returns.
+        wait = 0 if self._reactor._current_index() >= 0 else 1.0
+        for op in self._ops:
+            op.close(wait)
+        self._reactor._unregister_acceptor(self)
+        if self._unix_path is not None:
+            try:
+                if stat.S_ISSOCK(os.lstat(self._unix_path).st_mode):
+                    os.unlink(self._unix_path)
+            except OSError:
+                pass
+
+    @property
+    def num_listeners(self) -> int:
+        return len(self._ops)
+
+    def __repr__(self) -> str:
+        return f"<Acceptor {self.addr!r} listeners={len(self._ops)}{' closed' if self.closed else ''}>"
+
+
+class Connector:
+    """Non-blocking connects whose outcome is always reported to the handler:
+    ``on_open()`` on success, else ``on_connect_fail(err)`` exactly once with
+    a ``ConnectionError`` (``ConnectionRefusedError`` for a refusal) or
+    ``netpoll.DialTimeoutError`` — never both, never neither."""
+
+    def __init__(self, reactor: Reactor):
+        _check_reactor(reactor)
+        self._reactor = reactor
+
+    @property
+    def reactor(self) -> Reactor:
+        return self._reactor
+
+    def connect(self, address: Any, handler: EvHandler, timeout: Optional[float] = None) -> None:
+        """Start connecting `handler` to `address` ("host:port", (host, port)
+        or "unix:/path"); returns at once. `timeout` in seconds (None: the
+        kernel's). Name resolution, if the host is not numeric, blocks."""
+        if not isinstance(handler, EvHandler):
+            raise TypeError(f"handler must be an EvHandler, not {type(handler).__name__}")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError("timeout must be a number of seconds or None")
+            if not timeout > 0 or timeout != timeout or timeout == float("inf"):
+                raise ValueError("timeout must be a finite number of seconds > 0")
+        family, addr = _split(address)
+        if family == socket.AF_UNIX:
+            fam, sockaddr = socket.AF_UNIX, addr
+        else:
+            infos = socket.getaddrinfo(addr[0] or "127.0.0.1", addr[1], socket.AF_UNSPEC,
+                                       socket.SOCK_STREAM)
+            if not infos:
+                raise OSError(f"cannot resolve {addr[0]!r}")
+            fam, _, _, _, sockaddr = infos[0]
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            s.setblocking(False)
+            if fam != socket.AF_UNIX:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = s.connect_ex(sockaddr)
+        except BaseException:
+            s.close()
+            raise
+        fd = s.detach()
+        self._reactor._connect(handler, fd, err, timeout, address)
+
+
+class ConnectPool:
+    """goev's connection pool over a Connector.
+
+    Keeps at least `min_idle` open, idle handlers (made by ``factory()``)
+    connected to `address` and at most `max_live` in all (idle, lent out and
+    connecting). ``acquire()`` lends an idle handler (or returns None when
+    none is idle: the pool refills in the background); ``release(h)`` gives
+    it back. A handler that closes leaves the pool and is replaced; failed
+    connects are retried after `retry_interval` seconds.
+    """
+
+    def __init__(self, connector: Connector, address: Any, factory: Callable[[], EvHandler],
+                 min_idle: int = 4, max_live: int = 64, refill_batch: int = 4,
+                 timeout: Optional[float] = 1.0, retry_interval: float = 0.1):
+        if not isinstance(connector, Connector):
+            raise TypeError("connector must be a netpoll.Connector")
+        if not callable(factory):
+            raise TypeError("factory must be callable")
+        for name, v in (("min_idle", min_idle), ("max_live", max_live),
+                        ("refill_batch", refill_batch)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int")
+        if min_idle < 0 or max_live < 1 or refill_batch < 1 or min_idle > max_live:
+            raise ValueError("need 0 <= min_idle <= max_live, max_live >= 1, refill_batch >= 1")
+        if isinstance(retry_interval, bool) or not isinstance(retry_interval, (int, float)) \
+                or not retry_interval > 0:
+            raise ValueError("retry_interval must be a number of seconds > 0")
+        _split(address)
+        self._connector = connector
+        self._address = address
+        self._factory = factory
+        self.min_idle = min_idle
+        self.max_live = max_live
+        self.refill_batch = refill_batch
+        self._timeout = timeout
+        self._retry = retry_interval
+        self._lock = threading.Lock()
+        self._idle: List[EvHandler] = []
+        self._live = set()          # ids of open handlers (idle or lent)
+        self._connecting = 0
+        self._retry_timer: Optional[threading.Timer] = None
+        self.closed = False
+        self.failures = 0
+        self._refill()
+
+    @property
+    def idle_count(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    @property
+    def live_count(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def acquire(self) -> Optional[EvHandler]:
+        """An open idle handler, now lent to the caller, or None."""
+        with self._lock:
+            h = None
+            while self._idle:
+                cand = self._idle.pop()
+                if not cand.closed:
+                    h = cand
+                    break
+        self._refill()
+        return h
+
+    def release(self, handler: EvHandler) -> None:
+        """Give a lent handler back (a closed one is simply forgotten)."""
+        if not isinstance(handler, EvHandler):
+            raise TypeError("handler must be an EvHandler")
+        with self._lock:
+            if handler._pool is not self:
+                raise ValueError("handler does not belong to this pool")
+            if not handler.closed and not self.closed and handler not in self._idle:
+                self._idle.append(handler)
+                return
+        if self.closed:
+            handler.destroy()
+
+    def close(self) -> None:
+        """Stop refilling and destroy the idle handlers (lent ones stay)."""
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+            t, self._retry_timer = self._retry_timer, None
+        if t is not None:
+            t.cancel()
+        for h in idle:
+            h.destroy()
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self.closed or self._retry_timer is not None:
+                return
+            n = min(self.refill_batch,
+                    self.min_idle - len(self._idle) - self._connecting,
+                    self.max_live - len(self._live) - self._connecting)
+            if n <= 0:
+                return
+            self._connecting += n
+        for _ in range(n):
+            try:
+                h = self._factory()
+                if not isinstance(h, EvHandler):
+                    raise TypeError("ConnectPool factory must return an EvHandler")
+                h._pool = self
+                self._connector.connect(self._address, h, self._timeout)
+            except BaseException:
+                log.exception("netpoll: ConnectPool could not start a connect")
+                with self._lock:
+                    self._connecting -= 1
+
+    def _schedule_retry(self) -> None:
+        with self._lock:
+            if self.closed or self._retry_timer is not None:
+                return
+            t = threading.Timer(self._retry, self._retry_fire)
+            t.daemon = True
+            self._retry_timer = t
+        t.start()
+
+    def _retry_fire(self) -> None:
+        with self._lock:
+            self._retry_timer = None
+        self._refill()
+
+    def _handler_event(self, h: EvHandler, what: str) -> None:
+        """Called by the core on h's poller: "open", "fail" or "close"."""
+        with self._lock:
+            if what == "open":
+                self._connecting -= 1
+                self._live.add(id(h))
+                if self.closed:
+                    pass
+                else:
+                    self._idle.append(h)
+            elif what == "fail":
+                self._connecting -= 1
+                self.failures += 1
+            else:
+                if id(h) in self._live:
+                    self._live.discard(id(h))
+                else:
+                    self._connecting -= 1      # on_open returned False
+                if h in self._idle:
+                    self._idle.remove(h)
+        if what == "open" and self.closed:
+            h.destroy()
+        elif what == "fail":
+            self._schedule_retry()
+        else:
+            self._refill()
+
+    def __repr__(self) -> str:
+        return (f"<ConnectPool {self._address!r} idle={len(self._idle)} "
+                f"live={len(self._live)} connecting={self._connecting}>")
