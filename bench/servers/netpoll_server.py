@@ -82,6 +82,8 @@ def main(argv=None):
         if os.environ.get("NETPOLL_SPIN_NS"):
             from netpoll._core.runner import set_spin
             set_spin(int(os.environ["NETPOLL_SPIN_NS"]))
+        if os.environ.get("NETPOLL_POOL_SIZE"):
+            netpoll.configure(pool_size=int(os.environ["NETPOLL_POOL_SIZE"]))
         if os.environ.get("NETPOLL_SLICE_BYTES"):
             from netpoll._core.poller import set_slice_bytes
             set_slice_bytes(int(os.environ["NETPOLL_SLICE_BYTES"]))

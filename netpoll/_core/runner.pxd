@@ -16,6 +16,7 @@ cdef struct np_taskq_t:
     int idle              # workers waiting on cond
     int active            # workers running a task (or between two tasks)
     int spinning          # a worker is polling the queue before it sleeps
+    int waking            # workers signalled that have not woken up yet
     long long progress_ns # when a worker last took a task
     int stopping
     np_item_handler_t handler

@@ -46,7 +46,11 @@ def set_spin(long long ns):
 
 
 cdef inline bint _should_wake(np_taskq_t *q, long long now) noexcept nogil:
-    if q.idle == 0:
+    # A signalled worker counts as active only once it runs, which on a busy
+    # core is after the poller has pushed the rest of its batch: without
+    # `waking`, every push of the batch woke one more worker to fight for
+    # the GIL.
+    if q.idle == 0 or q.waking > 0:
         return False
     if q.active == 0:
         return q.spinning == 0      # a spinning worker picks it up without a wake
@@ -59,6 +63,7 @@ cdef void np_taskq_check_stall(np_taskq_t *q, long long now) noexcept nogil:
     pthread_mutex_lock(&q.lock)
     if q.count > 0 and _should_wake(q, now):
         q.progress_ns = now
+        q.waking += 1
         pthread_cond_signal(&q.cond)
     pthread_mutex_unlock(&q.lock)
 
@@ -86,6 +91,7 @@ cdef int np_taskq_push(np_taskq_t *q, void *item) noexcept nogil:
         now = np_monotonic_ns()
         if _should_wake(q, now):
             q.progress_ns = now   # one wake per stall period, not one per item
+            q.waking += 1
             pthread_cond_signal(&q.cond)
     pthread_mutex_unlock(&q.lock)
     return 0
@@ -145,6 +151,8 @@ cdef void *_pop_wait(np_taskq_t *q) noexcept nogil:
         q.idle += 1
         pthread_cond_wait(&q.cond, &q.lock)
         q.idle -= 1
+        if q.waking > 0:
+            q.waking -= 1
     if q.count > 0:
         item = q.items[q.head]
         q.head = (q.head + 1) % q.cap
