@@ -4,8 +4,8 @@ Commands: PING, ECHO, SET (EX/PX/NX/XX), GET, DEL, EXISTS, INCR, INCRBY, MGET,
 MSET, EXPIRE, TTL, MULTI/EXEC/DISCARD (redis-py's default pipeline), and
 CONFIG GET (which redis-benchmark sends at startup). Keys
 expire lazily, when next touched. RESP2 only: redis-py >= 8 asks for RESP3 by
-default, so connect with ``redis.Redis(port=6380, protocol=2)``. Inline commands ("PING\\r\\n", as typed
-into telnet or sent by redis-benchmark's PING_INLINE) work too.
+default, so connect with ``redis.Redis(port=6380, protocol=2)``. Inline commands
+("PING\\r\\n", as typed into telnet or sent by redis-benchmark's PING_INLINE) work too.
 
 Shows a per-connection parser as the loop's ctx, fed from the connection's
 input view: hiredis' Reader keeps half a command until the rest arrives, so

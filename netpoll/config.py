@@ -124,7 +124,8 @@ def configure(
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
         if _runtime.pool is not None:
-            raise RuntimeError("the worker pool is already running; configure() it before first use")
+            raise RuntimeError(
+                "the worker pool is already running; configure() it before first use")
         _runtime.pool_size = pool_size
 
 

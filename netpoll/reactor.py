@@ -7,7 +7,6 @@ work); this module holds what runs once per connection or per listener:
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -250,7 +249,8 @@ class Acceptor:
         return len(self._ops)
 
     def __repr__(self) -> str:
-        return f"<Acceptor {self.addr!r} listeners={len(self._ops)}{' closed' if self.closed else ''}>"
+        state = " closed" if self.closed else ""
+        return f"<Acceptor {self.addr!r} listeners={len(self._ops)}{state}>"
 
 
 class Connector:

@@ -369,7 +369,7 @@ def test_resp_server_with_redis_client(start_example):
             r.execute_command("NOSUCHCOMMAND")
 
         pipe = r.pipeline(transaction=False)                 # pipelined, no MULTI
-        for i in range(200):
+        for _ in range(200):
             pipe.incr("counter")
         assert pipe.execute() == list(range(1, 201))
         pipe = r.pipeline()                                  # MULTI/EXEC

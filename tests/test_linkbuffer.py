@@ -499,7 +499,7 @@ def test_views_survive_release():
     peek = buf.peek(50)
     buf.release()
     # reuse the freed memory as hard as possible
-    for i in range(20):
+    for _ in range(20):
         buf.write_binary(b"\xAA" * 8192)
         junk = LinkBuffer()
         junk.write_binary(b"\x55" * 8192)

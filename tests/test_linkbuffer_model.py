@@ -345,7 +345,7 @@ class LinkBufferMachine(RuleBasedStateMachine):
         junk.flush()
         self.kept_unchanged()
         junk.close()
-        for kind, obj, expected in self.kept:
+        for kind, obj, _expected in self.kept:
             if kind == "slice":
                 obj.close()
         self.kept_unchanged_views_only()

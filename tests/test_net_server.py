@@ -865,7 +865,7 @@ def test_close_callbacks_newest_first_once_then_fd_closed(make_server, runner):
     fd, ino, conn = info["fd"], info["ino"], info["conn"]
     got = calls.snapshot()
     assert [g[0] for g in got] == ["c", "b", "a"], got
-    for name, same, fileno, inode in got:
+    for _name, same, fileno, inode in got:
         assert same, "callback got another object than the connection"
         assert fileno == fd and inode == ino, "fd closed before a close callback ran"
     assert info["late_at_once"]

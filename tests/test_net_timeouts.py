@@ -24,7 +24,8 @@ EARLY = 0.005        # clock granularity we tolerate on the early side
 def _lateness(record_property, name, elapsed, timeout, slack):
     late = elapsed - timeout
     record_property(f"{name}_lateness_ms", round(late * 1000, 2))
-    print(f"{name}: timeout {timeout:.3f} s fired after {elapsed:.4f} s (late by {late * 1000:.1f} ms)")
+    print(f"{name}: timeout {timeout:.3f} s fired after {elapsed:.4f} s "
+          f"(late by {late * 1000:.1f} ms)")
     assert elapsed >= timeout - EARLY, f"{name} fired {-late * 1000:.1f} ms early"
     assert elapsed < timeout + slack, f"{name} fired {late * 1000:.1f} ms late"
 
@@ -149,7 +150,8 @@ def test_inline_flush_to_a_stuck_peer_is_bounded_by_the_write_timeout(make_serve
     s.sendall(b"go")                      # and never read
     assert closed.wait(5), "the connection was never closed"
     elapsed = time.monotonic() - out["t0"]
-    print(f"inline flush returned after {out['returned'] * 1000:.1f} ms; closed after {elapsed:.3f} s")
+    print(f"inline flush returned after {out['returned'] * 1000:.1f} ms; "
+          f"closed after {elapsed:.3f} s")
     assert out["returned"] < 0.1
     assert T - EARLY <= elapsed < T + 0.5
 

@@ -89,7 +89,7 @@ def test_reactor_reuseport(example):
         pytest.skip("no SO_REUSEPORT")
     p, addr = example("reactor_reuseport.py", "--pollers", "2")
     seen = set()
-    for i in range(40):
+    for _ in range(40):
         with socket.create_connection(addr, timeout=5) as c:
             c.sendall(b"hi")
             reply = recv_exactly(c, 4)

@@ -98,7 +98,7 @@ def test_several_timers_per_handler_and_ids_distinct_across_handlers(running):
     ids = [h.schedule_timer(0.01 * (i % 3)) for h, _ in hs for i in range(5)]
     assert len(set(ids)) == len(ids)
     assert wait_until(lambda: sum(len(h.fired) for h, _ in hs) == 20)
-    for h, p in hs:
+    for _h, p in hs:
         p.close()
 
 

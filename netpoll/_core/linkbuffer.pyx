@@ -113,7 +113,7 @@ cdef np_chunk_t *np_chunk_alloc(size_t size) noexcept nogil:
     return c
 
 
-cdef inline void np_chunk_incref(np_chunk_t *c) noexcept nogil:
+cdef void np_chunk_incref(np_chunk_t *c) noexcept nogil:
     np_atomic_inc_int(&c.refcnt)
 
 

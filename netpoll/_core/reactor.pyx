@@ -37,7 +37,7 @@ from libc.string cimport memcpy, memset
 
 from netpoll._core.includes.system cimport (
     iovec, msghdr, recv, send, sendmsg, writev, close, errno, EAGAIN, EWOULDBLOCK, EINTR,
-    ENOMEM, EINPROGRESS,
+    EINPROGRESS,
     pthread_mutex_lock, pthread_mutex_unlock,
     NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET, NP_MSG_NOSIGNAL,
     np_atomic_cas_int, np_atomic_store_int, np_atomic_load_int, np_monotonic_ns, np_poll_ctl,
@@ -963,7 +963,7 @@ cdef class EvHandler(Operator):
                 close(fd)
         cbs = self._wcb
         self._wcb = []
-        for target, cb in cbs:
+        for _target, cb in cbs:
             try:
                 cb(exc)
             except BaseException:

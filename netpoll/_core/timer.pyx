@@ -446,7 +446,7 @@ def _selftest_c_api():
     cdef np_timer_heap_t a, b
     cdef np_timer_t t[300]
     cdef np_timer_t lone
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, _n
     cdef int r_push, r_errno
     cdef bint r_remove, ok_empty
     cdef np_timer_t *p
@@ -498,7 +498,7 @@ def _selftest_c_api():
         # Drain: non-decreasing (when, seq), every popped timer unscheduled.
         prev_when = INT64_MIN
         prev_seq = 0
-        for i in range(299):
+        for _n in range(299):
             p = timer_heap_pop_expired(&a, 999)
             _check(p != NULL and p.index == -1, "pop_expired returns unscheduled timers")
             _check(p.when > prev_when or (p.when == prev_when and p.seq > prev_seq),
