@@ -47,6 +47,7 @@ def main() -> None:
         where = f"unix:{listener.addr}"
     else:
         listener = netpoll.create_listener("tcp", (args.host, args.port))
+        assert isinstance(listener.addr, tuple)     # TCP: (host, port)
         host, port = listener.addr
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # idle_timeout closes connections that go quiet, so a stuck client cannot

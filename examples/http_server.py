@@ -127,6 +127,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    assert isinstance(listener.addr, tuple)     # TCP: (host, port)
     host, port = listener.addr
     print(f"listening on {host}:{port}", flush=True)
     loop.serve(listener)

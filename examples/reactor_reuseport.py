@@ -19,7 +19,9 @@ import netpoll
 class Echo(netpoll.EvHandler):
     def on_open(self) -> bool:
         self.prefix = b"%d:" % self.poller_index
-        self.get_reactor().add_ev_handler(self, self.fd(), netpoll.EV_IN)
+        reactor = self.get_reactor()         # set while the handler is attached
+        assert reactor is not None
+        reactor.add_ev_handler(self, self.fd(), netpoll.EV_IN)
         return True
 
     def on_read(self) -> bool:

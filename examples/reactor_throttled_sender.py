@@ -33,7 +33,9 @@ class Sender(netpoll.EvHandler):
         self.sent = 0
         self.paused = False
         self.slice = max(1, int(self.rate * TICK))
-        self.get_reactor().add_ev_handler(self, self.fd(), netpoll.EV_IN)
+        reactor = self.get_reactor()         # set while the handler is attached
+        assert reactor is not None
+        reactor.add_ev_handler(self, self.fd(), netpoll.EV_IN)
         self.set_watermarks(4 * self.slice + 65536, self.slice)
         self.tid = self.schedule_timer(0, TICK)
         return True

@@ -305,7 +305,7 @@ def on_request(session: Session, conn: netpoll.Connection) -> None:
             if len(reader):
                 # hiredis copies the bytes into its own buffer and keeps a
                 # partial command there until the rest is fed.
-                parser.feed(reader.next(len(reader)))
+                parser.feed(reader.next(len(reader)))  # type: ignore[arg-type]  # any buffer
             try:
                 cmd = parser.gets()
             except hiredis.ProtocolError as e:
@@ -339,6 +339,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    assert isinstance(listener.addr, tuple)     # TCP: (host, port)
     host, port = listener.addr
     print(f"listening on {host}:{port}", flush=True)
     loop.serve(listener)

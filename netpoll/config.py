@@ -10,7 +10,7 @@ import atexit
 import enum
 import random
 import threading
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from netpoll._core.connection import set_buffer_size as _set_buffer_size
 from netpoll._core.poller import Poller, bind_pool
@@ -148,7 +148,7 @@ def set_load_balance(lb: LoadBalance) -> None:
     _runtime.load_balance = lb
 
 
-def stats() -> dict:
+def stats() -> Dict[str, Any]:
     """Pollers, worker pool and buffer pool figures, for diagnostics."""
     from netpoll._core.linkbuffer import pool_stats
 

@@ -54,8 +54,10 @@ class EventLoop:
     bytes arrive or the read timeout passes), or a callable run(task).
     """
 
-    def __init__(self, on_request: OnRequest, on_prepare: Optional[Callable] = None,
-                 on_connect: Optional[Callable] = None, on_disconnect: Optional[Callable] = None,
+    def __init__(self, on_request: OnRequest,
+                 on_prepare: Optional[Callable[[Connection], Any]] = None,
+                 on_connect: Optional[Callable[[Any, Connection], Any]] = None,
+                 on_disconnect: Optional[Callable[[Any, Connection], Any]] = None,
                  read_timeout: Optional[float] = None, write_timeout: Optional[float] = None,
                  idle_timeout: Optional[float] = None, runner: Any = None,
                  input_limit: Optional[int] = None) -> None:

@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     EV_ET,
@@ -119,10 +119,10 @@ class Acceptor:
         for name, v in (("reuse_port", reuse_port), ("reuse_addr", reuse_addr)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool")
-        for name, v in (("backlog", backlog), ("rcvbuf", rcvbuf)):
-            if isinstance(v, bool) or not isinstance(v, int):
+        for name, n in (("backlog", backlog), ("rcvbuf", rcvbuf)):
+            if isinstance(n, bool) or not isinstance(n, int):
                 raise TypeError(f"{name} must be an int")
-            if v < 0:
+            if n < 0:
                 raise ValueError(f"{name} must be >= 0")
         family, addr = _split(address)
         self._reactor = reactor
@@ -145,7 +145,8 @@ class Acceptor:
             fd = s.detach()
             self._ops.append(_ListenOp(fd, reactor._poller(i), _Sink(self, i)))
 
-    def _listen(self, family, addr, reuse_port, reuse_addr, backlog, rcvbuf, n):
+    def _listen(self, family: int, addr: Any, reuse_port: bool, reuse_addr: bool,
+                backlog: int, rcvbuf: int, n: int) -> List[socket.socket]:
         if family == socket.AF_UNIX:
             path = addr
             try:
@@ -174,6 +175,7 @@ class Acceptor:
                                    0, socket.AI_PASSIVE)
         if not infos:
             raise OSError(f"cannot resolve {host!r}")
+        sockaddr: Any
         fam, stype, proto, _, sockaddr = infos[0]
         count = n if reuse_port else 1
         if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
@@ -338,7 +340,7 @@ class ConnectPool:
         self._retry = retry_interval
         self._lock = threading.Lock()
         self._idle: List[EvHandler] = []
-        self._live = set()          # ids of open handlers (idle or lent)
+        self._live: Set[int] = set()          # ids of open handlers (idle or lent)
         self._connecting = 0
         self._retry_timer: Optional[threading.Timer] = None
         self.closed = False

@@ -1,3 +1,4 @@
+from threading import Event
 from typing import Any, Optional
 
 from netpoll._core.connection import Connection
@@ -5,8 +6,9 @@ from netpoll._core.poller import Operator, Poller
 
 class Acceptor(Operator):
     closed: bool
+    torn_down: Event
     def __init__(self, fd: int, poller: Poller, server: Any) -> None: ...
-    def close(self) -> None: ...
+    def close(self, timeout: Optional[float] = ...) -> None: ...
 
 def accept_connection(fd: int, poller: Poller, pool: Any, runner: Any, server: Any,
                       on_request: Any, on_prepare: Any, on_connect: Any, on_disconnect: Any,
