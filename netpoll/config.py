@@ -149,14 +149,31 @@ def set_load_balance(lb: LoadBalance) -> None:
 
 
 def stats() -> Dict[str, Any]:
-    """Pollers, worker pool and buffer pool figures, for diagnostics."""
+    """Figures of the shared runtime, for diagnostics (not Reactors: see
+    ``Reactor.stats()``).
+
+    ``connections``: open connections on the pollers (EventLoop and dialed);
+    ``timers``: timers armed on the pollers' heaps (idle timeouts and the
+    like); ``pollers``: each poller's counters, with its own ``connections``;
+    ``pool``: the worker pool (None before first use): size, queued tasks,
+    workers running a task; ``buffers``: the chunk pool (chunks and bytes in
+    use and cached, per size class)."""
+    from netpoll._core.connection import Connection
     from netpoll._core.linkbuffer import pool_stats
 
+    pollers = []
+    for p in list(_runtime.pollers):
+        s = p.stats()
+        s["connections"] = sum(1 for op in p.operators() if isinstance(op, Connection))
+        pollers.append(s)
+    pool = _runtime.pool
     return {
         "num_loops": _runtime.num_loops,
-        "pollers": [p.stats() for p in _runtime.pollers],
-        "pool": None if _runtime.pool is None else {
-            "size": _runtime.pool.size, "pending": _runtime.pool.pending()},
+        "connections": sum(s["connections"] for s in pollers),
+        "timers": sum(s["timers"] for s in pollers),
+        "pollers": pollers,
+        "pool": None if pool is None else {
+            "size": pool.size, "pending": pool.pending(), "active": pool.active()},
         "buffers": pool_stats(),
     }
 

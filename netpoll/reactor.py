@@ -301,6 +301,9 @@ class Connector:
         fd = s.detach()
         self._reactor._connect(handler, fd, err, timeout, address)
 
+    def __repr__(self) -> str:
+        return f"<Connector of {self._reactor!r}>"
+
 
 class ConnectPool:
     """goev's connection pool over a Connector.

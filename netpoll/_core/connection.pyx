@@ -68,11 +68,24 @@ cdef inline int64_t _deadline(int64_t timeout_ns) noexcept nogil:
     return -1 if timeout_ns < 0 else np_monotonic_ns() + timeout_ns
 
 
-cdef str _describe(Connection conn):
+cdef str _fmt_addr(object a):
+    if a is None:
+        return "?"
+    if isinstance(a, tuple) and len(a) >= 2:
+        return f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
+    if isinstance(a, bytes):
+        a = a.decode("utf-8", "replace")
+    return f"unix:{a}" if a else "unix:(unnamed)"
+
+
+cdef str _describe(object conn):
+    """The connection's repr for error and log messages."""
+    if conn is None:
+        return "<Connection (none)>"
     try:
-        return f"{conn.remote_addr!r}"
+        return repr(conn)
     except Exception:
-        return "connection"
+        return "<Connection>"
 
 
 cdef void _close_fd_unless(np_conn_t *c, unsigned int flags) noexcept nogil:
@@ -96,12 +109,13 @@ cdef class ConnReader(LinkBuffer):
     cdef int _check(self, int need) except -1:
         cdef np_conn_t *c
         if self.conn is None or self.conn.op == NULL:
-            raise ConnectionClosedError("connection is not open")
+            raise ConnectionClosedError(f"read on {_describe(self.conn)}: connection is not open")
         c = self.conn.op
         if c.flags & CF_USER_CLOSED:
             raise ConnectionClosedError(f"read on {_describe(self.conn)}: connection closed")
         if not (self.mode & need):
-            raise TypeError("a connection's reader cannot be written to")
+            raise TypeError(f"write on the reader of {_describe(self.conn)}: "
+                            "a connection's reader cannot be written to")
         return 0
 
     cdef int _need(self, size_t n) except -1:
@@ -181,7 +195,7 @@ cdef class ConnWriter(LinkBuffer):
     cdef int _check(self, int need) except -1:
         cdef np_conn_t *c
         if self.conn is None or self.conn.op == NULL:
-            raise ConnectionClosedError("connection is not open")
+            raise ConnectionClosedError(f"write on {_describe(self.conn)}: connection is not open")
         c = self.conn.op
         if c.flags & (CF_CLOSING | CF_FD_CLOSED):
             raise ConnectionClosedError(f"write on {_describe(self.conn)}: connection closed")
@@ -189,7 +203,8 @@ cdef class ConnWriter(LinkBuffer):
             raise ConnectionClosedError(
                 f"write on {_describe(self.conn)}: {os.strerror(c.err) if c.err else 'socket error'}")
         if not (self.mode & need):
-            raise TypeError("a connection's writer cannot be read from")
+            raise TypeError(f"read on the writer of {_describe(self.conn)}: "
+                            "a connection's writer cannot be read from")
         return 0
 
     cdef int _after_flush(self) except -1:
@@ -469,6 +484,8 @@ cdef class Connection(Operator):
         callbacks run once, newest first, in this call; the fd is closed after
         them, once output already flushed has been sent (bounded by the write
         timeout, 5 s without one)."""
+        if self._remote_addr is None and self.op != NULL and not (self.op.flags & CF_FD_CLOSED):
+            self.local_addr, self.remote_addr   # remembered for repr() and messages after close
         self._close(True)
 
     def is_active(self):
@@ -629,12 +646,15 @@ cdef class Connection(Operator):
         return self._remote_addr
 
     def __repr__(self):
+        """<Connection fd=N LOCAL->REMOTE STATE> (addresses are remembered
+        from the first repr or close(); '?' when the fd closed before)."""
         cdef np_conn_t *c = self.op
         if c == NULL:
             return "<Connection (uninitialised)>"
         state = ("closed" if c.flags & CF_FD_CLOSED else "closing" if c.flags & CF_CLOSING
                  else "peer-closed" if c.flags & (CF_PEER_EOF | CF_ERROR) else "open")
-        return f"<Connection fd={c.fd} {state} flags={c.flags:#x} remote={self._remote_addr!r}>"
+        return (f"<Connection fd={c.fd} {_fmt_addr(self.local_addr)}->"
+                f"{_fmt_addr(self.remote_addr)} {state}>")
 
 
 cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object runner,

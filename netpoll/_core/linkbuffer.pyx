@@ -546,7 +546,7 @@ cdef class LinkBuffer:
 
     cdef int _check(self, int need) except -1:
         if self.lb == NULL or self.lb.closed:
-            raise BufferClosedError("LinkBuffer is closed")
+            raise BufferClosedError(f"{type(self).__name__} is closed")
         if not (self.mode & need):
             raise TypeError("this buffer is read-only" if need == LB_WRITE
                             else "this buffer is write-only")
@@ -555,7 +555,7 @@ cdef class LinkBuffer:
     cdef int _need(self, size_t n) except -1:
         cdef size_t have = np_lb_readable(self.lb)
         if have < n:
-            raise BufferUnderflowError(f"need {n} bytes, {have} buffered")
+            raise BufferUnderflowError(f"read on {self!r}: need {n} bytes, {have} buffered")
         return 0
 
     cdef int _after_flush(self) except -1:
@@ -576,7 +576,7 @@ cdef class LinkBuffer:
         if lb.closed or lb.readable < n:
             np_spin_unlock(&lb.lock)
             self._check(LB_READ)
-            raise BufferUnderflowError(f"need {n} bytes")
+            raise BufferUnderflowError(f"read on {self!r}: need {n} bytes")
         node = _first_data_node(lb)
         if node.len >= n:
             c = node.chunk
@@ -606,7 +606,7 @@ cdef class LinkBuffer:
         if not ok:
             np_chunk_decref(c)
             self._check(LB_READ)
-            raise BufferUnderflowError(f"need {n} bytes")
+            raise BufferUnderflowError(f"read on {self!r}: need {n} bytes")
         c.used = n        # immutable from now on: nobody may extend it (owner 0)
         return _export(c, c.data, n, True)
 
@@ -623,7 +623,7 @@ cdef class LinkBuffer:
             ok = _copy_locked(lb, dst, n, consume)
         if not ok:
             self._check(LB_READ)
-            raise BufferUnderflowError(f"need {n} bytes")
+            raise BufferUnderflowError(f"read on {self!r}: need {n} bytes")
         return out
 
     cdef Py_ssize_t _find(self, unsigned char delim) except -2:
@@ -738,7 +738,7 @@ cdef class LinkBuffer:
         np_spin_lock(&self.lb.lock)
         if self.lb.readable < 1:
             np_spin_unlock(&self.lb.lock)
-            raise BufferUnderflowError("need 1 byte")
+            raise BufferUnderflowError(f"read on {self!r}: need 1 byte")
         node = _first_data_node(self.lb)
         b = <unsigned char>node.chunk.data[node.off]
         _consume(self.lb, 1)
@@ -762,7 +762,7 @@ cdef class LinkBuffer:
         if src.closed or src.readable < k:
             np_spin_unlock(&src.lock)
             self._check(LB_READ)
-            raise BufferUnderflowError(f"need {k} bytes")
+            raise BufferUnderflowError(f"read on {self!r}: need {k} bytes")
         node = src.head
         while left > 0:
             if node.len > 0:
