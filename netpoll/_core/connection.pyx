@@ -7,6 +7,7 @@ import os
 import socket as _socket
 
 from libc.stdint cimport int64_t, uint64_t
+from posix.unistd cimport dup
 
 from netpoll._core.includes.system cimport (
     close, shutdown, SHUT_WR, ETIMEDOUT,
@@ -621,9 +622,18 @@ cdef class Connection(Operator):
         return self.op.fd
 
     cdef object _addr(self, bint peer):
-        if self.op == NULL or self.op.flags & CF_FD_CLOSED:
+        cdef np_conn_t *c = self.op
+        cdef int fd = -1
+        if c == NULL:
             return None
-        s = _socket.socket(fileno=os.dup(self.op.fd))
+        # dup under the lock the fd is closed under: never another socket's fd.
+        pthread_mutex_lock(&c.lock)
+        if not (c.flags & CF_FD_CLOSED) and c.fd >= 0:
+            fd = dup(c.fd)
+        pthread_mutex_unlock(&c.lock)
+        if fd < 0:
+            return None
+        s = _socket.socket(fileno=fd)
         try:
             return s.getpeername() if peer else s.getsockname()
         except OSError:
