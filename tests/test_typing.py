@@ -101,6 +101,12 @@ def test_public_names_are_exported() -> None:
     for name in netpoll.__all__:
         assert hasattr(netpoll, name), name
     assert isinstance(netpoll.__version__, str) and netpoll.__version__[0].isdigit()
+    from importlib.metadata import version
+    assert version("netpoll") == netpoll.__version__      # matches pyproject.toml
+    assert len(set(netpoll.__all__)) == len(netpoll.__all__)
+    public = {n for n in vars(netpoll) if not n.startswith("_")
+              and not isinstance(getattr(netpoll, n), types.ModuleType)}
+    assert public <= set(netpoll.__all__), sorted(public - set(netpoll.__all__))
 
 
 def test_typed_usage_runs() -> None:
