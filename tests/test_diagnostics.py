@@ -220,3 +220,12 @@ def test_no_print_in_the_library() -> None:
             if re.search(r"(^|[^\w.])print\(", line.split("#")[0]):
                 offenders.append(f"{path.name}:{i}: {line.strip()}")
     assert not offenders, "use logging.getLogger('netpoll'), not print:\n" + "\n".join(offenders)
+
+
+def test_reactor_run_after_stop_returns() -> None:
+    """A signal handler may stop() a reactor before the main thread reaches
+    run() (the examples' pattern): run() then returns instead of raising."""
+    r = netpoll.Reactor(poll_num=1)
+    r.stop()
+    r.run()
+    assert r.stopped and r.wait_stopped(0)

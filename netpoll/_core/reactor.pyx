@@ -1303,15 +1303,23 @@ cdef class Reactor:
 
     def run(self):
         """Block until stop(); then every handler is closed and the pollers
-        have stopped."""
+        have stopped. A reactor runs once: run() after a run raises
+        RuntimeError, but if stop() came before any run() (a signal handler
+        may call it before the main thread gets there), run() waits for that
+        shutdown and returns."""
         with self._lock:
-            if self._shut:
+            shut = self._shut
+            if shut and self._running:
                 raise RuntimeError("netpoll: a Reactor runs once; this one has stopped")
-            if self._running:
-                raise RuntimeError("netpoll: the reactor is already running")
-            if self._current() is not None:
-                raise RuntimeError("netpoll: run() called from the reactor's own poller")
-            self._running = True
+            if not shut:
+                if self._running:
+                    raise RuntimeError("netpoll: the reactor is already running")
+                if self._current() is not None:
+                    raise RuntimeError("netpoll: run() called from the reactor's own poller")
+                self._running = True
+        if shut:
+            self._done_event.wait()
+            return
         try:
             while not self._stop_event.wait(0.5):
                 pass
