@@ -175,4 +175,6 @@ class EventLoop:
             return len(self._conns)
 
     def __repr__(self) -> str:
-        return f"<EventLoop runner={self.runner!r} connections={self.connections}>"
+        runner = self.runner if self.runner is not None else runtime().runner
+        state = " shut down" if self._shutting_down else ""
+        return f"<EventLoop runner={runner!r} connections={self.connections}{state}>"

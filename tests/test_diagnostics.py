@@ -229,3 +229,11 @@ def test_reactor_run_after_stop_returns() -> None:
     r.stop()
     r.run()
     assert r.stopped and r.wait_stopped(0)
+
+
+def test_eventloop_repr_shows_effective_runner_and_state() -> None:
+    loop = netpoll.EventLoop(lambda ctx, conn: None, runner="inline")
+    assert repr(loop) == "<EventLoop runner='inline' connections=0>"
+    loop.shutdown(timeout=1.0)
+    assert repr(loop) == "<EventLoop runner='inline' connections=0 shut down>"
+    assert "runner='pool'" in repr(netpoll.EventLoop(lambda ctx, conn: None))
