@@ -45,9 +45,21 @@ def test_driver_runs_servers_side_by_side_and_writes_json(tmp_path):
         assert c["cpu_us_per_req"] is not None and c["cpu_us_per_req"] > 0
 
 
+@pytest.mark.timeout(60)
+def test_driver_holds_idle_connections_beside_the_busy_ones(tmp_path):
+    out = tmp_path / "r.json"
+    p = run_module("--servers", "netpoll-inline", "--modes", "framed", "--sizes", "1024",
+                   "--conns", "4", "--idle-conns", "16", "--duration", "0.3", "--warmup", "0.1",
+                   "--no-pin", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "framed/1KiB/4c+16idle/" in p.stdout
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["idle"] == 16 and cell["rps"] > 0 and cell["errors"] == 0
+
+
 def test_driver_rejects_bad_options():
     for bad in (["--servers", "nope"], ["--modes", "gossip"], ["--repeat", "0"],
-                ["--conns", "0"], ["--duration", "-1"]):
+                ["--conns", "0"], ["--duration", "-1"], ["--idle-conns", "-1"]):
         p = run_module(*bad, timeout=30)
         assert p.returncode == 2, (bad, p.stdout, p.stderr)
         assert "error" in p.stderr

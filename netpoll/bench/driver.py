@@ -217,11 +217,16 @@ def measure(name, mode, size, conns, args, pinned):
     srv = Server(name, mode, server_cpu)
     lg = None
     rfd = wfd = -1
+    idle = []
     try:
         try:
             srv.start()
         except ServerFailed as exc:
             return {"ok": False, "start_failed": True, "reason": f"failed to start: {exc}"}
+        if args.idle_conns:
+            # Netpoll's scenario of mostly idle connections: held open (connected,
+            # silent) by this process for the whole run, beside the busy ones.
+            idle = open_idle(srv, args.idle_conns)
         rfd, wfd = os.pipe()
         cmd = pin_prefix(lg_cpu) + [
             sys.executable, LOADGEN_CLI, f"127.0.0.1:{srv.port}", "--conns", str(conns),
@@ -276,7 +281,27 @@ def measure(name, mode, size, conns, args, pinned):
             os.close(rfd)
         if lg is not None:
             terminate(lg)
+        for sock in idle:
+            sock.close()
         srv.stop()
+
+
+def open_idle(srv, n):
+    """n connected, silent sockets to srv; waits until the server holds them."""
+    fds0 = srv.num_fds()
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10.0)
+            socks.append(sock)
+        deadline = time.monotonic() + 10.0
+        while srv.num_fds() < fds0 + n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def lg_tail(lg):
@@ -346,7 +371,8 @@ def run_matrix(args, pinned, results, out_rows, progress):
     for mode in args.modes:
         for size in args.sizes:
             for conns in args.conns:
-                cell = {"pinned": pinned, "mode": mode, "size": size, "conns": conns}
+                cell = {"pinned": pinned, "mode": mode, "size": size, "conns": conns,
+                        "idle": args.idle_conns}
                 runs = {name: [] for name in servers}
                 for rep in range(args.repeat):
                     k = rep % len(servers)
@@ -392,7 +418,8 @@ def label(cell):
     size = cell["size"]
     size_s = f"{size // 1024}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
     pin = "pinned" if cell["pinned"] else "unpinned"
-    return f"{cell['mode']}/{size_s}/{cell['conns']}c/{pin}"
+    idle = f"+{cell['idle']}idle" if cell.get("idle") else ""
+    return f"{cell['mode']}/{size_s}/{cell['conns']}c{idle}/{pin}"
 
 
 def fmt(v, spec, missing="-"):
@@ -534,6 +561,9 @@ def main(argv=None):
                     help="the whole matrix: 64 B/1 KiB/16 KiB x 1/16/256 connections, 3 s x 3 runs")
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)   # the default; kept for old scripts
     ap.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection (default 1)")
+    ap.add_argument("--idle-conns", type=int, default=0, metavar="N",
+                    help="also hold N idle connections open during every run (Netpoll's scenario: "
+                         "--conns 200 --idle-conns 800 is 80%% of 1,000 connections idle)")
     ap.add_argument("--lg-threads", type=int, default=1, help="load generator threads (default 1)")
     ap.add_argument("--lg-spin", action="store_true",
                     help="the load generator busy-polls instead of sleeping: its own wake-ups leave the "
@@ -576,6 +606,8 @@ def main(argv=None):
         ap.error("--duration must be > 0 and --warmup >= 0")
     if any(n < 1 for n in args.conns) or any(n < 1 for n in args.sizes):
         ap.error("--conns and --sizes must be >= 1")
+    if args.idle_conns < 0:
+        ap.error("--idle-conns must be >= 0")
     if not sys.platform.startswith("linux"):
         ap.error("the driver reads /proc: Linux only (the client subcommand runs anywhere)")
     if args.plot:
@@ -595,7 +627,7 @@ def main(argv=None):
         args.pin = False
     if args.pin and args.server_cpu == args.lg_cpu:
         print("warning: server and load generator pinned to the same core", file=sys.stderr)
-    raise_nofile(max(args.conns or [0]) + 256)
+    raise_nofile(max(args.conns or [0]) + args.idle_conns + 256)
     if not args.idle_rss:
         check = subprocess.run([sys.executable, LOADGEN_CLI, "--check"], stdin=subprocess.DEVNULL,
                                capture_output=True, text=True, timeout=60)
@@ -611,7 +643,7 @@ def main(argv=None):
             "cpus": os.cpu_count(), "cpu_model": cpu_model(), "loadavg_start": os.getloadavg(),
             "uvloop": module_version("uvloop"), "argv": sys.argv[1:],
             "duration": args.duration, "warmup": args.warmup, "repeat": args.repeat,
-            "pipeline": args.pipeline, "lg_threads": args.lg_threads, "lg_spin": args.lg_spin,
+            "pipeline": args.pipeline, "idle_conns": args.idle_conns, "lg_threads": args.lg_threads, "lg_spin": args.lg_spin,
             "server_cpu": args.server_cpu, "lg_cpu": args.lg_cpu,
         },
         "cells": [],
