@@ -807,8 +807,8 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
     else:
         now = np_monotonic_ns()
         timeout = timer_heap_timeout_ms(&p.timers, now, -1)
-        if np_atomic_load_size(&p.ntasks):
-            timeout = 0
+        if np_atomic_load_size(&p.ntasks) or p.gil_head != NULL:
+            timeout = 0       # tasks, or GIL work scheduled by _flush_batch above
         elif g_pool != NULL and g_pool.count > 0 and (timeout < 0 or timeout > 1):
             timeout = 1       # watch queued pool work for stalled workers
         n = np_poll_wait(p.pfd, p.evs, NP_POLL_MAX, timeout)
