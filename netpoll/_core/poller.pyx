@@ -919,16 +919,21 @@ cdef class Poller:
         cdef int r = 0
         p.thread = pthread_self()
         p.thread_set = 1
-        while True:
-            with nogil:
-                while True:
-                    r = _poll_once(p)
-                    if r < 0 or p.gil_head != NULL:
-                        break
-            if p.gil_head != NULL:
-                self._gil_phase()
-            if r < 0:
-                break
+        try:
+            while True:
+                with nogil:
+                    while True:
+                        r = _poll_once(p)
+                        if r < 0 or p.gil_head != NULL:
+                            break
+                if p.gil_head != NULL:
+                    self._gil_phase()
+                if r < 0:
+                    break
+        finally:
+            # pthread ids are reused: a thread started after this one ends
+            # must not pass for the poller (np_on_poller_thread).
+            p.thread_set = 0
 
     cdef int _gil_phase(self) except -1:
         """Run everything of this batch that needs Python, GIL held once."""

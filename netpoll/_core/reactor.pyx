@@ -1303,15 +1303,20 @@ cdef class Reactor:
 
     def run(self):
         """Block until stop(); then every handler is closed and the pollers
-        have stopped."""
+        have stopped. A reactor runs once: if stop() came first (a signal
+        before run() was reached, say), run() returns as soon as the
+        shutdown is complete."""
         with self._lock:
-            if self._shut:
-                raise RuntimeError("netpoll: a Reactor runs once; this one has stopped")
-            if self._running:
+            stopped = self._shut or self._stopping
+            if not stopped and self._running:
                 raise RuntimeError("netpoll: the reactor is already running")
             if self._current() is not None:
                 raise RuntimeError("netpoll: run() called from the reactor's own poller")
-            self._running = True
+            if not stopped:
+                self._running = True
+        if stopped:
+            self._done_event.wait()
+            return
         try:
             while not self._stop_event.wait(0.5):
                 pass
