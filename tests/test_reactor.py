@@ -228,8 +228,7 @@ def test_stop_closes_every_handler_once_and_run_returns(running):
     assert rr.reactor.stopped
     for p in peers:
         assert p.recv(1) == b""
-    with pytest.raises(RuntimeError):
-        rr.reactor.run()
+    rr.reactor.run()              # stopped already: returns at once (a reactor runs once)
     with pytest.raises(RuntimeError):
         rr.reactor.add_ev_handler(Once(), peers[0].fileno(), netpoll.EV_IN)
 
@@ -260,6 +259,17 @@ def test_stop_without_run():
     r.stop()
     assert h.closes == 1
     assert r.stopped
+    r.run()                       # a stop before run (an early signal): run returns
+
+
+def test_stop_before_run_from_another_thread_makes_run_return():
+    r = netpoll.Reactor(poll_num=1)
+    t = threading.Thread(target=r.stop)
+    t.start()
+    t.join(10)
+    done = threading.Event()
+    threading.Thread(target=lambda: (r.run(), done.set()), daemon=True).start()
+    assert done.wait(10)
 
 
 # ------------------------------------------------------------- writes

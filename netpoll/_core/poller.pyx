@@ -807,8 +807,8 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
     else:
         now = np_monotonic_ns()
         timeout = timer_heap_timeout_ms(&p.timers, now, -1)
-        if np_atomic_load_size(&p.ntasks):
-            timeout = 0
+        if np_atomic_load_size(&p.ntasks) or p.gil_head != NULL:
+            timeout = 0       # tasks, or GIL work scheduled by _flush_batch above
         elif g_pool != NULL and g_pool.count > 0 and (timeout < 0 or timeout > 1):
             timeout = 1       # watch queued pool work for stalled workers
         n = np_poll_wait(p.pfd, p.evs, NP_POLL_MAX, timeout)
@@ -919,16 +919,21 @@ cdef class Poller:
         cdef int r = 0
         p.thread = pthread_self()
         p.thread_set = 1
-        while True:
-            with nogil:
-                while True:
-                    r = _poll_once(p)
-                    if r < 0 or p.gil_head != NULL:
-                        break
-            if p.gil_head != NULL:
-                self._gil_phase()
-            if r < 0:
-                break
+        try:
+            while True:
+                with nogil:
+                    while True:
+                        r = _poll_once(p)
+                        if r < 0 or p.gil_head != NULL:
+                            break
+                if p.gil_head != NULL:
+                    self._gil_phase()
+                if r < 0:
+                    break
+        finally:
+            # pthread ids are reused: a thread started after this one ends
+            # must not pass for the poller (np_on_poller_thread).
+            p.thread_set = 0
 
     cdef int _gil_phase(self) except -1:
         """Run everything of this batch that needs Python, GIL held once."""

@@ -963,7 +963,7 @@ cdef class EvHandler(Operator):
                 close(fd)
         cbs = self._wcb
         self._wcb = []
-        for _target, cb in cbs:
+        for target, cb in cbs:
             try:
                 cb(exc)
             except BaseException:
@@ -1303,21 +1303,18 @@ cdef class Reactor:
 
     def run(self):
         """Block until stop(); then every handler is closed and the pollers
-        have stopped. A reactor runs once: run() after a run raises
-        RuntimeError, but if stop() came before any run() (a signal handler
-        may call it before the main thread gets there), run() waits for that
-        shutdown and returns."""
+        have stopped. A reactor runs once: if stop() came first (a signal
+        before run() was reached, say), run() returns as soon as the
+        shutdown is complete."""
         with self._lock:
-            shut = self._shut
-            if shut and self._running:
-                raise RuntimeError("netpoll: a Reactor runs once; this one has stopped")
-            if not shut:
-                if self._running:
-                    raise RuntimeError("netpoll: the reactor is already running")
-                if self._current() is not None:
-                    raise RuntimeError("netpoll: run() called from the reactor's own poller")
+            stopped = self._shut or self._stopping
+            if not stopped and self._running:
+                raise RuntimeError("netpoll: the reactor is already running")
+            if self._current() is not None:
+                raise RuntimeError("netpoll: run() called from the reactor's own poller")
+            if not stopped:
                 self._running = True
-        if shut:
+        if stopped:
             self._done_event.wait()
             return
         try:

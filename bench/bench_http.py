@@ -1,14 +1,19 @@
-"""HTTP plaintext on the Reactor beside uvloop + httptools, driven by wrk.
+"""HTTP plaintext with wrk: the Reactor, the EventLoop example and uvloop + httptools.
 
-    python bench/bench_reactor_http.py [--duration 5] [--reps 3] [--conns 2,64]
+    python bench/bench_http.py [--duration 5] [--reps 3] [--conns 2,64] [--servers reactor,eventloop,uvloop]
 
-Like goev's techempower example: a fixed response to `GET /plaintext`, keep
-alive, pipelining-tolerant (requests are counted by their "\\r\\n\\r\\n").
+- reactor: like goev's techempower example, a fixed response to every request,
+  keep-alive, pipelining-tolerant (requests are counted by their blank line,
+  not parsed: goev's shape).
+- eventloop: examples/http_server.py (EventLoop, inline runner, parsed with
+  httptools, routes /plaintext and /json).
+- uvloop: an asyncio Protocol on uvloop, parsed with httptools.
+
 Each server runs in its own process pinned to CPU 0 (`taskset -c 0`), wrk
-(`-t1`) to CPU 1; the servers alternate, each run is the median of `--reps`.
-Prints req/s and the reactor/uvloop ratio.
+(`-t1`) to CPU 1; the servers alternate, each figure is the median of `--reps`.
+Prints req/s and each server's ratio to uvloop.
 
-    python bench/bench_reactor_http.py --serve reactor --port P   # one server
+    python bench/bench_http.py --serve reactor --port P   # one server
 """
 from __future__ import annotations
 
@@ -99,12 +104,20 @@ def free_port() -> int:
     return p
 
 
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "examples", "http_server.py")
+
+
 def run_once(kind: str, conns: int, duration: int) -> float:
     port = free_port()
-    srv = subprocess.Popen(["taskset", "-c", "0", sys.executable, os.path.abspath(__file__),
-                            "--serve", kind, "--port", str(port)], stdout=subprocess.PIPE)
+    if kind == "eventloop":
+        cmd = [sys.executable, EXAMPLE, "--port", str(port)]
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", kind, "--port", str(port)]
+    srv = subprocess.Popen(["taskset", "-c", "0"] + cmd, stdout=subprocess.PIPE)
     try:
-        assert srv.stdout.readline().strip() == b"ready"
+        line = srv.stdout.readline().strip()
+        assert line == b"ready" or line.startswith(b"listening on"), line
         out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s",
                               f"http://127.0.0.1:{port}/plaintext"],
                              capture_output=True, text=True, timeout=duration + 30).stdout
@@ -129,22 +142,27 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--conns", default="2,64")
+    ap.add_argument("--servers", default="reactor,eventloop,uvloop")
     args = ap.parse_args()
     if args.serve == "reactor":
         return serve_reactor(args.port)
     if args.serve == "uvloop":
         return serve_uvloop(args.port)
+    kinds = [k for k in args.servers.split(",") if k]
     for conns in [int(c) for c in args.conns.split(",")]:
-        res = {"reactor": [], "uvloop": []}
-        for _ in range(args.reps):
-            for kind in ("reactor", "uvloop"):          # alternate
+        res = {k: [] for k in kinds}
+        for rep in range(args.reps):
+            order = kinds if rep % 2 == 0 else kinds[::-1]      # alternate
+            for kind in order:
                 res[kind].append(run_once(kind, conns, args.duration))
                 time.sleep(0.5)
         med = {k: statistics.median(v) for k, v in res.items()}
-        print(f"wrk -t1 -c{conns} -d{args.duration}s: reactor {med['reactor']:.0f} req/s "
-              f"{[round(x) for x in res['reactor']]}, uvloop+httptools {med['uvloop']:.0f} req/s "
-              f"{[round(x) for x in res['uvloop']]}, ratio {med['reactor'] / med['uvloop']:.2f}",
-              flush=True)
+        base = med.get("uvloop")
+        parts = []
+        for k in kinds:
+            ratio = f" ({med[k] / base:.2f}x uvloop)" if base and k != "uvloop" else ""
+            parts.append(f"{k} {med[k]:.0f} req/s {[round(x) for x in res[k]]}{ratio}")
+        print(f"wrk -t1 -c{conns} -d{args.duration}s: " + "; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """The plain C epoll server (c_epoll_server.c), compiled on first use with the
 system C compiler, then exec'd with the same options as the other servers:
 
-    python bench/servers/c_epoll_server.py --mode echo --port 0
+    python netpoll/bench/servers/c_epoll_server.py --mode echo --port 0
 
 It is the reference ceiling of the comparison: one core answering with no
 Python at all. Prints ``FAILED <reason>`` if it cannot be built.

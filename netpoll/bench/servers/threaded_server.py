@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Thread-per-connection echo and length-prefixed RPC servers for bench/run_bench.py.
+"""Thread-per-connection echo and length-prefixed RPC servers for python -m netpoll.bench.
 
-    python bench/servers/threaded_server.py --mode echo --port 0
-    python bench/servers/threaded_server.py --mode framed --unix /tmp/x.sock
+    python netpoll/bench/servers/threaded_server.py --mode echo --port 0
+    python netpoll/bench/servers/threaded_server.py --mode framed --unix /tmp/x.sock
 
 Blocking sockets: ``recv`` + ``sendall`` for echo; for ``framed`` (4-byte
 big-endian length + body) exact reads with ``recv_into`` into one reusable

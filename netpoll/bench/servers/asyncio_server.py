@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""asyncio (or uvloop) echo and length-prefixed RPC servers for bench/run_bench.py.
+"""asyncio (or uvloop) echo and length-prefixed RPC servers for python -m netpoll.bench.
 
-    python bench/servers/asyncio_server.py --mode echo --port 0 [--uvloop]
-    python bench/servers/asyncio_server.py --mode framed --unix /tmp/x.sock
+    python netpoll/bench/servers/asyncio_server.py --mode echo --port 0 [--uvloop]
+    python netpoll/bench/servers/asyncio_server.py --mode framed --unix /tmp/x.sock
 
 Protocol-based, the fast asyncio style: ``data_received`` + ``transport.write``.
 ``framed``: 4-byte big-endian length + body; each complete frame is answered

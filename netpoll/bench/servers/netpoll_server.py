@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""netpoll echo and length-prefixed RPC servers for bench/run_bench.py.
+"""netpoll echo and length-prefixed RPC servers for python -m netpoll.bench.
 
-    python bench/servers/netpoll_server.py --mode echo --runner inline --port 0
-    python bench/servers/netpoll_server.py --mode framed --runner pool --unix /tmp/x.sock
+    python netpoll/bench/servers/netpoll_server.py --mode echo --runner inline --port 0
+    python netpoll/bench/servers/netpoll_server.py --mode framed --runner pool --unix /tmp/x.sock
 
 Written against the public API of shared/DESIGN.md: ``create_listener`` +
 ``EventLoop(on_request, runner=...)`` + ``serve``. Both handlers are in the
@@ -23,7 +23,7 @@ import traceback
 from common import base_parser, raise_nofile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))   # above netpoll/
 
 
 def fail(reason):

@@ -1,0 +1,103 @@
+"""The main job (issue "main job"): ``python -m netpoll.bench`` runs servers in
+their own processes against the native load generator and reports; ``python -m
+netpoll.bench client`` drives any echo server. Short runs: this checks that
+the machinery works and verifies replies, not speed."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from netutil import frame_echo, make_server, stream_echo  # noqa: F401  (make_server is a fixture)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the driver reads /proc")
+
+
+def run_module(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "netpoll.bench", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(150)
+def test_driver_runs_servers_side_by_side_and_writes_json(tmp_path):
+    servers = ["netpoll-inline", "netpoll-pool", "asyncio", "threaded"]
+    if shutil.which("cc") or shutil.which("gcc"):
+        servers.append("c-epoll")
+    out = tmp_path / "r.json"
+    p = run_module("--servers", ",".join(servers), "--modes", "echo,framed", "--sizes", "64",
+                   "--conns", "2", "--duration", "0.3", "--warmup", "0.1", "--no-pin",
+                   "--json", str(out), timeout=140)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("echo/", "framed/"))]
+    assert len(lines) == 2 * len(servers), p.stdout
+    assert all("failed" not in ln for ln in lines), p.stdout
+    data = json.loads(out.read_text())
+    cells = data["cells"]
+    assert {(c["mode"], c["server"]) for c in cells} == \
+        {(m, s) for m in ("echo", "framed") for s in servers}
+    for c in cells:
+        assert c["ok_runs"] == 1 and c["rps"] > 0, c
+        assert c["errors"] == 0, c                   # every echoed byte verified
+        assert c["cpu_us_per_req"] is not None and c["cpu_us_per_req"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_driver_holds_idle_connections_beside_the_busy_ones(tmp_path):
+    out = tmp_path / "r.json"
+    p = run_module("--servers", "netpoll-inline", "--modes", "framed", "--sizes", "1024",
+                   "--conns", "4", "--idle-conns", "16", "--duration", "0.3", "--warmup", "0.1",
+                   "--no-pin", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "framed/1KiB/4c+16idle/" in p.stdout
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["idle"] == 16 and cell["rps"] > 0 and cell["errors"] == 0
+
+
+def test_driver_rejects_bad_options():
+    for bad in (["--servers", "nope"], ["--modes", "gossip"], ["--repeat", "0"],
+                ["--conns", "0"], ["--duration", "-1"], ["--idle-conns", "-1"]):
+        p = run_module(*bad, timeout=30)
+        assert p.returncode == 2, (bad, p.stdout, p.stderr)
+        assert "error" in p.stderr
+
+
+@pytest.mark.parametrize("mode", ["echo", "framed"])
+def test_client_subcommand_drives_any_echo_server(make_server, mode):
+    srv = make_server(stream_echo if mode == "echo" else frame_echo, runner="inline")
+    host, port = tuple(srv.addr)[:2]
+    p = run_module("client", f"{host}:{port}", "--conns", "4", "--size", "3000", "--mode", mode,
+                   "--duration", "0.3", "--warmup", "0.1", "--pipeline", "2", timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout)
+    assert res["requests"] > 0
+    assert res["errors"] == 0 and res["verify_errors"] == 0
+    assert res["p50_us"] > 0 and res["p99_us"] >= res["p50_us"]
+
+
+def test_client_reports_a_server_that_corrupts_replies(make_server):
+    def corrupt(ctx, conn):
+        r = conn.reader
+        n = len(r)
+        if n:
+            data = bytearray(r.next(n))
+            data[0] ^= 0xFF
+            conn.writer.write_binary(bytes(data))
+            conn.writer.flush()
+
+    srv = make_server(corrupt, runner="inline")
+    host, port = tuple(srv.addr)[:2]
+    p = run_module("client", f"{host}:{port}", "--conns", "1", "--size", "64",
+                   "--duration", "0.3", "--warmup", "0.1", timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout)
+    assert res["verify_errors"] > 0
+
+
+def test_client_rejects_a_bad_target():
+    p = run_module("client", "no-port-here", timeout=30)
+    assert p.returncode != 0
+    assert "HOST:PORT" in p.stderr
