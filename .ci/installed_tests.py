@@ -2,7 +2,7 @@
 
     python .ci/installed_tests.py PROJECT_DIR [pytest args...]
 
-Copies tests/, examples/, docs/, README.md and pyproject.toml (pytest's
+Copies tests/, examples/, docs/, fuzz/, README.md and pyproject.toml (pytest's
 settings) from PROJECT_DIR into a temporary directory, checks that `netpoll`
 imports from outside PROJECT_DIR (site-packages), then runs pytest there.
 Used by .ci/wheel and as cibuildwheel's test-command. Exits with pytest's
@@ -26,7 +26,7 @@ def main() -> int:
     pytest_args = sys.argv[2:]
     with tempfile.TemporaryDirectory(prefix="netpoll-installed-") as tmp:
         work = Path(tmp)
-        for name in ("tests", "examples", "docs"):
+        for name in ("tests", "examples", "docs", "fuzz"):
             if (project / name).is_dir():
                 shutil.copytree(project / name, work / name,
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
