@@ -23,6 +23,7 @@ from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
     iovec, msghdr, recv, send, sendmsg, shutdown, SHUT_WR, close, poll, pollfd, POLLIN,
+    MSG_DONTWAIT,
     errno, EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED,
     ETIMEDOUT, EBADF,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
@@ -76,6 +77,7 @@ cdef enum:
     RECV_HINT = 4096            # minimum room offered to recv()
     RX_CHUNK_MIN = 8192         # adaptive input chunk size: bounds
     RX_CHUNK_MAX = 65536         # larger chunks fall outside the pool cache into mmap
+    DISCARD_MAX = 262144        # unread input dropped at close so that close() sends a FIN
 
 # ---------------------------------------------------------------- operators
 
@@ -574,6 +576,25 @@ cdef void _on_accept(np_poller_t *p, np_conn_t *l, int64_t now) noexcept nogil:
         _gil_list_add(p, l, GR_ACCEPT)
 
 
+cdef void _discard_input(int fd) noexcept nogil:
+    """Read and drop what the peer sent that nobody will read (bounded).
+
+    close() on a socket with unread input sends a RST instead of a FIN: the
+    peer sees a reset rather than a clean close, and may drop the reply we
+    just sent before reading it. Past DISCARD_MAX (a peer still flooding)
+    the RST is what it gets."""
+    cdef char junk[16384]
+    cdef size_t total = 0
+    cdef ssize_t r
+    while total < DISCARD_MAX:
+        r = recv(fd, junk, sizeof(junk), MSG_DONTWAIT)
+        if r <= 0:
+            if r < 0 and errno == EINTR:
+                continue
+            return
+        total += <size_t>r
+
+
 cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
     """Close c's fd on its poller once pending output is sent (or the drain
     limit passes), then let Python drop its references."""
@@ -612,6 +633,8 @@ cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
     timer_heap_remove(&p.timers, &c.idle_timer)
     timer_heap_remove(&p.timers, &c.drain_timer)
     if fd >= 0:
+        if c.kind == OP_CONN and not (c.flags & CF_ERROR):
+            _discard_input(fd)
         close(fd)
     _gil_list_add(p, c, GR_TEARDOWN)
 

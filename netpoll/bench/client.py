@@ -42,9 +42,10 @@ def load_loadgen():
         path = os.path.join(core, "loadgen" + suffix)
         if not os.path.exists(path):
             continue
-        if _built_with_asan(path):
+        if _built_with_asan(path) and "asan" not in os.environ.get("LD_PRELOAD", ""):
             raise SystemExit(
-                f"{path} was built with AddressSanitizer (NETPOLL_SANITIZE): rebuild it without, "
+                f"{path} was built with AddressSanitizer (NETPOLL_SANITIZE): preload the ASan "
+                "runtime (LD_PRELOAD, as .ci/asan does) or rebuild it without, "
                 "e.g. `cythonize -i -3 netpoll/_core/loadgen.pyx` in the repository root")
         loader = importlib.machinery.ExtensionFileLoader("netpoll._core.loadgen", path)
         spec = importlib.util.spec_from_file_location("netpoll._core.loadgen", path, loader=loader)
