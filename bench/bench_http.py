@@ -1,12 +1,14 @@
 """HTTP plaintext with wrk: the Reactor, the EventLoop example and uvloop + httptools.
 
-    python bench/bench_http.py [--duration 5] [--reps 3] [--conns 2,64] [--servers reactor,eventloop,uvloop]
+    python bench/bench_http.py [--duration 5] [--reps 3] [--conns 2,64] [--servers reactor,eventloop,example,uvloop]
 
 - reactor: like goev's techempower example, a fixed response to every request,
   keep-alive, pipelining-tolerant (requests are counted by their blank line,
   not parsed: goev's shape).
-- eventloop: examples/http_server.py (EventLoop, inline runner, parsed with
-  httptools, routes /plaintext and /json).
+- eventloop: the same work as the uvloop server (httptools, one fixed
+  response per request) on EventLoop with the inline runner.
+- example: examples/http_server.py (EventLoop, inline runner, httptools,
+  routes, Date header, keep-alive handling: more work per request).
 - uvloop: an asyncio Protocol on uvloop, parsed with httptools.
 
 Each server runs in its own process pinned to CPU 0 (`taskset -c 0`), wrk
@@ -63,6 +65,40 @@ def serve_reactor(port: int) -> None:
     reactor.run()
 
 
+def serve_eventloop(port: int) -> None:
+    """The same work as serve_uvloop (httptools, a fixed response per
+    request), on netpoll's EventLoop with the inline runner."""
+    import httptools
+
+    import netpoll
+
+    class Conn:
+        def __init__(self):
+            self.n = 0
+            self.p = httptools.HttpRequestParser(self)
+
+        def on_message_complete(self):
+            self.n += 1
+
+    def on_request(ctx, conn):
+        r = conn.reader
+        try:
+            ctx.p.feed_data(r.next(len(r)))
+        except httptools.HttpParserError:
+            conn.close()
+            return
+        if ctx.n:
+            conn.writer.write_binary(RESP if ctx.n == 1 else RESP * ctx.n)
+            ctx.n = 0
+            conn.writer.flush()
+
+    listener = netpoll.create_listener("tcp", f"127.0.0.1:{port}")
+    loop = netpoll.EventLoop(on_request, on_prepare=lambda conn: Conn(), runner="inline")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    print("ready", flush=True)
+    loop.serve(listener)
+
+
 def serve_uvloop(port: int) -> None:
     import asyncio
 
@@ -110,7 +146,7 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run_once(kind: str, conns: int, duration: int) -> float:
     port = free_port()
-    if kind == "eventloop":
+    if kind == "example":
         cmd = [sys.executable, EXAMPLE, "--port", str(port)]
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--serve", kind, "--port", str(port)]
@@ -137,17 +173,19 @@ def run_once(kind: str, conns: int, duration: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--serve", choices=["reactor", "uvloop"])
+    ap.add_argument("--serve", choices=["reactor", "eventloop", "uvloop"])
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--conns", default="2,64")
-    ap.add_argument("--servers", default="reactor,eventloop,uvloop")
+    ap.add_argument("--servers", default="reactor,eventloop,example,uvloop")
     args = ap.parse_args()
     if args.serve == "reactor":
         return serve_reactor(args.port)
     if args.serve == "uvloop":
         return serve_uvloop(args.port)
+    if args.serve == "eventloop":
+        return serve_eventloop(args.port)
     kinds = [k for k in args.servers.split(",") if k]
     for conns in [int(c) for c in args.conns.split(",")]:
         res = {k: [] for k in kinds}
