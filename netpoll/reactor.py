@@ -25,6 +25,7 @@ from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     conn_error,
 )
 from netpoll._core.server import Acceptor as _ListenOp
+from netpoll.listener import parse_address
 
 __all__ = [
     "Reactor",
@@ -44,34 +45,11 @@ log = logging.getLogger("netpoll")
 
 def _split(address: Any) -> Tuple[int, Any]:
     """("unix", path) for "unix:/path", else (AF_UNSPEC, (host, port)) for
-    "host:port", "[v6]:port", ":port" or a (host, port) tuple."""
+    "host:port", "[v6]:port", ":port" or a (host, port) tuple (parsed as
+    create_listener parses a "tcp" address)."""
     if isinstance(address, str) and address.startswith("unix:"):
-        path = address[5:]
-        if not path or "\0" in path:
-            raise ValueError(f"invalid unix socket path {path!r}")
-        return socket.AF_UNIX, path
-    if isinstance(address, tuple):
-        if len(address) < 2:
-            raise ValueError("address tuple must be (host, port)")
-        host, port = address[0], address[1]
-    elif isinstance(address, str):
-        host, sep, port_s = address.rpartition(":")
-        if not sep:
-            raise ValueError(f"address {address!r} lacks a port (host:port or unix:/path)")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise ValueError(f"invalid port in {address!r}") from None
-    else:
-        raise TypeError("address must be 'host:port', 'unix:/path' or a (host, port) tuple, "
-                        f"not {type(address).__name__}")
-    if not isinstance(host, str):
-        raise TypeError("host must be a str")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"invalid port {port!r}")
-    return socket.AF_UNSPEC, (host, port)
+        return parse_address("unix", address[5:])
+    return parse_address("tcp", address)
 
 
 def _check_reactor(reactor: Any) -> None:

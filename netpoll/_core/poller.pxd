@@ -163,6 +163,9 @@ cdef int np_poller_submit(np_poller_t *p, int kind, void *op, void *arg) noexcep
 cdef bint np_on_poller_thread(np_poller_t *p) noexcept nogil
 cdef void np_update_mask_locked(np_conn_t *c) noexcept nogil
 cdef void np_relieve_limit_locked(np_conn_t *c) noexcept nogil
+# sendmsg the output buffer until empty (0), EAGAIN (1) or error (-errno); the
+# caller owns sending (lock held, or CF_SENDING). *sent += bytes sent (or NULL).
+cdef int np_send_output(np_conn_t *c, uint64_t *sent) noexcept nogil
 cdef int np_send_locked(np_conn_t *c) noexcept nogil
 cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil
 cdef void np_flush_async(np_conn_t *c) noexcept nogil

@@ -18,11 +18,11 @@ import threading
 
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree, PyMem_RawRealloc
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
-    iovec, msghdr, recv, send, sendmsg, shutdown, SHUT_WR, close, poll, pollfd, POLLIN,
+    iovec, msghdr, recv, send, sendmsg, writev, shutdown, SHUT_WR, close, poll, pollfd, POLLIN,
     MSG_DONTWAIT,
     errno, EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED,
     ETIMEDOUT, EBADF,
@@ -45,6 +45,12 @@ from netpoll._core.timer cimport (
     timer_heap_remove, timer_heap_pop_expired, timer_heap_timeout_ms,
 )
 from netpoll._core.runner cimport np_taskq_t, np_taskq_push, np_taskq_check_stall, WorkerPool
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_write "write"(int fd, const void *buf, size_t n)
+
+cdef extern from "<errno.h>" nogil:
+    int ENOTSOCK
 
 log = logging.getLogger("netpoll")
 
@@ -154,8 +160,10 @@ cdef void np_update_mask_locked(np_conn_t *c) noexcept nogil:
         c.events = want
 
 
-cdef int _send_all(np_conn_t *c) noexcept nogil:
-    """sendmsg the readable output until done (0), EAGAIN (1) or error (-errno)."""
+cdef int np_send_output(np_conn_t *c, uint64_t *sent) noexcept nogil:
+    """sendmsg the readable output until done (0), EAGAIN (1) or error
+    (-errno); adds the bytes sent to *sent unless it is NULL. Non-socket fds
+    (a Reactor handler on a pipe) fall back to write/writev."""
     cdef iovec iov[MAX_IOV]
     cdef msghdr msg
     cdef size_t total
@@ -174,7 +182,12 @@ cdef int _send_all(np_conn_t *c) noexcept nogil:
             msg.msg_iov = iov
             msg.msg_iovlen = cnt
             r = sendmsg(c.fd, &msg, NP_MSG_NOSIGNAL)
+        if r < 0 and errno == ENOTSOCK:
+            r = c_write(c.fd, iov[0].iov_base, iov[0].iov_len) if cnt == 1 \
+                else writev(c.fd, iov, cnt)
         if r >= 0:
+            if sent != NULL:
+                sent[0] += <uint64_t>r
             if <size_t>r == total and cnt < MAX_IOV:
                 # Everything readable was sent: done without another look.
                 # (A concurrent flusher waits for CF_SENDING and sends itself.)
@@ -200,7 +213,7 @@ cdef int np_send_locked(np_conn_t *c) noexcept nogil:
         return -EBADF
     c.flags |= CF_SENDING
     pthread_mutex_unlock(&c.lock)
-    st = _send_all(c)
+    st = np_send_output(c, NULL)
     pthread_mutex_lock(&c.lock)
     c.flags &= ~CF_SENDING
     if c.idle_timeout_ns > 0:      # the clock read is only needed for idleness

@@ -36,7 +36,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from netpoll._core.includes.system cimport (
-    iovec, msghdr, recv, send, sendmsg, writev, close, errno, EAGAIN, EWOULDBLOCK, EINTR,
+    recv, send, close, errno, EAGAIN, EWOULDBLOCK, EINTR,
     EINPROGRESS,
     pthread_mutex_lock, pthread_mutex_unlock,
     NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET, NP_MSG_NOSIGNAL,
@@ -44,13 +44,13 @@ from netpoll._core.includes.system cimport (
 )
 from netpoll._core.poller cimport (
     Operator, Poller, np_conn_t, np_poller_t, np_hook_t, np_conn_new, np_conn_decref,
-    np_poller_submit, np_on_poller_thread, np_gil_list_add,
+    np_poller_submit, np_on_poller_thread, np_gil_list_add, np_send_output,
     OP_HANDLER, GR_HANDLER, TASK_CALL, TM_USER, CF_FD_CLOSED,
 )
 from netpoll._core.timer cimport (np_timer_t, timer_init, timer_heap_push, timer_heap_remove)
 from netpoll._core.linkbuffer cimport (
     np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_lb_new, np_lb_readable,
-    np_lb_reserve, np_lb_commit, np_lb_iovecs, np_lb_consume, np_lb_release, np_lb_clear,
+    np_lb_reserve, np_lb_commit, np_lb_clear,
 )
 
 from netpoll.errors import ConnectionClosedError, DialTimeoutError
@@ -78,7 +78,6 @@ EV_OUT_ET = NP_EV_WRITE | NP_EV_ET
 cdef uint32_t EV_ALL = NP_EV_READ | NP_EV_WRITE | NP_EV_ET
 
 cdef enum:
-    MAX_IOV = 64
     OUT_CHUNK = 16384
     MAX_READ_BUFFER = 64 << 20
 
@@ -152,39 +151,6 @@ cdef ssize_t _send1(int fd, const char *p, size_t n) noexcept nogil:
     if r < 0 and errno == ENOTSOCK:
         r = c_write(fd, p, n)          # a pipe or another non-socket fd
     return r
-
-
-cdef int _send_pending(np_conn_t *c, uint64_t *sent) noexcept nogil:
-    """Send the output buffer until empty (0), EAGAIN (1) or error (errno > 1
-    negated). Lock held; only the poller thread calls this."""
-    cdef iovec iov[MAX_IOV]
-    cdef msghdr msg
-    cdef size_t total
-    cdef ssize_t r
-    cdef int cnt
-    memset(&msg, 0, sizeof(msg))
-    while True:
-        cnt = np_lb_iovecs(c.outbuf, iov, MAX_IOV, &total)
-        if cnt == 0:
-            np_lb_release(c.outbuf)
-            return 0
-        if cnt == 1:
-            r = _send1(c.fd, <char *>iov[0].iov_base, iov[0].iov_len)
-        else:
-            msg.msg_iov = iov
-            msg.msg_iovlen = cnt
-            r = sendmsg(c.fd, &msg, NP_MSG_NOSIGNAL)
-            if r < 0 and errno == ENOTSOCK:
-                r = writev(c.fd, iov, cnt)
-        if r >= 0:
-            np_lb_consume(c.outbuf, <size_t>r, <size_t>r == total)
-            sent[0] += <uint64_t>r
-            continue
-        if errno == EINTR:
-            continue
-        if errno == EAGAIN or errno == EWOULDBLOCK:
-            return 1
-        return -errno
 
 
 cdef uint32_t _want(np_conn_t *c, uint32_t umask, bint connecting, bint eof_seen,
@@ -862,7 +828,7 @@ cdef class EvHandler(Operator):
         with nogil:
             pthread_mutex_lock(&c.lock)
             if not connecting:
-                st = _send_pending(c, &sent)
+                st = np_send_output(c, &sent)
             _apply_locked(c, _want(c, umask, connecting, eof, False))
             self.sent_total += sent
             pthread_mutex_unlock(&c.lock)
@@ -911,7 +877,7 @@ cdef class EvHandler(Operator):
         with nogil:
             pthread_mutex_lock(&c.lock)
             if c.fd >= 0 and np_lb_readable(c.outbuf) > 0 and try_send:
-                _send_pending(c, &sent)
+                np_send_output(c, &sent)
             _apply_locked(c, 0)
             self.sent_total += sent
             pthread_mutex_unlock(&c.lock)
