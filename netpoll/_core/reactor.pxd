@@ -76,6 +76,7 @@ cdef class EvHandler(Operator):
     cdef int _check_high(self) except -1
     cdef int _after_progress(self) except -1
     cdef int _close(self, object err) except -1
+    cdef int _callback(self, object cb, str name, bint blocking_ok) except -1
     cdef int _connect_failed(self, object exc) except -1
     cdef int _finish_connect(self, uint32_t ev) except -1
     cdef uint64_t _add_timer(self, int64_t when, int64_t interval_ns, int internal,

@@ -372,15 +372,7 @@ cdef int _open(EvHandler h) except -1:
     """Call on_open on h's poller; a falsy return (or an exception) closes it."""
     if h.closed:
         return 0
-    try:
-        ok = h.on_open()
-    except BaseException:
-        log.exception("netpoll: on_open raised; closing the handler")
-        ok = False
-    if h.closed:
-        return 0
-    if not ok:
-        h._close(None)
+    if not h._callback(h.on_open, "on_open", False):
         return 0
     if h._pool is not None:
         h._pool._handler_event(h, "open")
@@ -772,28 +764,12 @@ cdef class EvHandler(Operator):
                 if self.closed:
                     return 0
             if self.umask & NP_EV_WRITE:
-                try:
-                    ok = self.on_write()
-                except BaseException:
-                    log.exception("netpoll: on_write raised; closing the handler")
-                    ok = False
-                if self.closed:
+                if not self._callback(self.on_write, "on_write", False):
                     return 0
-                if not ok:
-                    return self._close(None)
         if ev & (NP_EV_READ | NP_EV_HUP | NP_EV_ERR | NP_EV_RDHUP):
             if (self.umask & NP_EV_READ) and not self.eof_seen:
-                try:
-                    ok = self.on_read()
-                except BlockingIOError:
-                    ok = True          # drained (edge-triggered) or spurious
-                except BaseException:
-                    log.exception("netpoll: on_read raised; closing the handler")
-                    ok = False
-                if self.closed:
+                if not self._callback(self.on_read, "on_read", True):
                     return 0
-                if not ok:
-                    return self._close(None)
                 if self.eof_seen:
                     # EOF seen and the handler stays (half-close): stop
                     # asking for input, or the level-triggered EOF would spin.
@@ -859,6 +835,25 @@ cdef class EvHandler(Operator):
                 except BaseException:
                     log.exception("netpoll: on_low_watermark raised")
         return 0
+
+    cdef int _callback(self, object cb, str name, bint blocking_ok) except -1:
+        """Call a user callback whose falsy return (or exception) removes the
+        handler; 1 if the handler is still open afterwards. With blocking_ok,
+        BlockingIOError means "nothing more to read now" and keeps it."""
+        try:
+            ok = cb()
+        except BaseException as e:
+            if blocking_ok and isinstance(e, BlockingIOError):
+                ok = True          # drained (edge-triggered) or spurious
+            else:
+                log.exception("netpoll: %s raised; closing the handler", name)
+                ok = False
+        if self.closed:
+            return 0
+        if not ok:
+            self._close(None)
+            return 0
+        return 1
 
     cdef int _close(self, object err) except -1:
         """Remove the handler: last attempt to send pending output, failed
