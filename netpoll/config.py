@@ -13,7 +13,8 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from netpoll._core.connection import set_buffer_size as _set_buffer_size
-from netpoll._core.poller import Poller, bind_pool
+from netpoll._core.connection import bind_pool
+from netpoll._core.poller import Poller
 from netpoll._core.runner import WorkerPool
 
 __all__ = ["LoadBalance", "configure", "set_num_loops", "set_load_balance", "stats"]

@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable, List, Optional, Set
 
 from netpoll._core.connection import Connection
-from netpoll._core.server import Acceptor, accept_connection
+from netpoll._core.server import ListenerOperator as Acceptor, accept_connection
 from netpoll.config import _check_runner, runtime
 from netpoll.listener import Listener
 

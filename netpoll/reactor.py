@@ -24,7 +24,7 @@ from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     Reactor,
     conn_error,
 )
-from netpoll._core.server import Acceptor as _ListenOp
+from netpoll._core.server import ListenerOperator as _ListenOp
 from netpoll.listener import parse_address
 
 __all__ = [

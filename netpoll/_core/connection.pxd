@@ -1,8 +1,60 @@
-# Connection: the Python face of an np_conn_t (Netpoll's connection_impl.go).
+# Connection: the connection operator (Netpoll's connection_impl.go). Its C
+# half (reads, sends, teardown, timers, scheduling) runs on the poller
+# without the GIL; its Python half is Connection and its reader and writer.
 
-from netpoll._core.linkbuffer cimport LinkBuffer
-from netpoll._core.poller cimport Operator, Poller, np_conn_t
-from netpoll._core.runner cimport WorkerPool
+from libc.stdint cimport int64_t, uint64_t
+from netpoll._core.includes.system cimport pthread_cond_t
+from netpoll._core.linkbuffer cimport LinkBuffer, np_lb_t
+from netpoll._core.poller cimport Operator, Poller, np_op_t
+from netpoll._core.timer cimport np_timer_t
+from netpoll._core.runner cimport WorkerPool, np_taskq_t
+
+# Connection flags (np_op_t.flags below OF_KIND_MAX, under np_op_t.lock).
+cdef enum:
+    CF_CLOSING = 1 << 0       # close started (by us or by the library)
+    CF_USER_CLOSED = 1 << 1   # close() called: reads raise ConnectionClosedError at once
+    CF_PEER_EOF = 1 << 2      # peer's FIN seen
+    CF_ERROR = 1 << 3         # socket error (reset...) or ENOMEM; conn.err has errno
+    CF_RUNNING = 1 << 4       # a process() task is queued or running
+    CF_SENDING = 1 << 5       # a thread is inside a send for this connection
+    CF_WANT_WRITE = 1 << 6    # EPOLLOUT armed: the poller owns sending
+    CF_PAUSED = 1 << 7        # pause_read()
+    CF_LIMITED = 1 << 8       # input limit reached
+    CF_SHUT_WR = 1 << 9       # we sent our FIN
+    CF_TEARDOWN = 1 << 10     # the poller has been asked to close the fd
+    CF_IDLE_FIRED = 1 << 11   # idle timeout expired: process() closes
+    CF_HAS_HANDLER = 1 << 12  # on_request is set: dispatch on data
+    CF_TEARDOWN_WAIT = 1 << 13  # teardown waits for a sender to finish
+    CF_SHUT_WR_PENDING = 1 << 14  # shutdown_write() once output is drained
+    CF_DRAIN_ARMED = 1 << 15  # drain_timer is scheduled (poller thread only)
+
+# How a connection's process() is run.
+cdef enum:
+    RUN_POOL = 0      # queued to the WorkerPool without the GIL
+    RUN_INLINE = 1    # called on the poller thread in the GIL phase
+    RUN_CUSTOM = 2    # handed to a user callable in the GIL phase
+
+cdef struct np_conn_t:
+    np_op_t op                 # the header first: an np_conn_t * is an np_op_t *
+    int err                    # errno of CF_ERROR
+    int run_mode               # RUN_*
+    int waiters                # threads waiting on cond
+    pthread_cond_t cond        # readers waiting for bytes, flushers for drain
+    np_lb_t *inbuf
+    np_lb_t *outbuf
+    np_taskq_t *pool           # RUN_POOL target
+    size_t want                # bytes a blocked reader waits for
+    size_t rx_chunk            # adaptive size of new input chunks (poller thread only)
+    size_t rx_last             # bytes of the last burst read (poller thread only)
+    size_t input_limit         # 0: none
+    size_t output_limit        # 0: none (see ConnWriter._after_flush)
+    uint64_t rx_seq            # bumps on every commit of new input
+    int64_t read_timeout_ns    # < 0: none
+    int64_t write_timeout_ns
+    int64_t idle_timeout_ns
+    int64_t last_active_ns
+    np_timer_t idle_timer
+    np_timer_t drain_timer     # output still to send at close, or after an inline flush
 
 
 cdef class ConnReader(LinkBuffer):
@@ -11,9 +63,11 @@ cdef class ConnReader(LinkBuffer):
 
 cdef class ConnWriter(LinkBuffer):
     cdef Connection conn
+    cdef int _flush_result(self, int rc) except -1
 
 
 cdef class Connection(Operator):
+    cdef np_conn_t *c
     cdef readonly ConnReader reader
     cdef readonly ConnWriter writer
     cdef object _ctx
@@ -31,6 +85,7 @@ cdef class Connection(Operator):
     cdef bint _disconnected
     cdef bint _close_when_idle      # graceful shutdown: close once the handler returns
 
+    cdef int _process(self) except -1
     cdef int _close(self, bint user) except -1
     cdef int _peer_gone(self) except -1
     cdef int _call_handler(self) except -1
@@ -43,5 +98,6 @@ cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object ru
                                object owner)
 cdef int setup_connection(Connection conn, object on_request, object read_timeout,
                           object write_timeout, object idle_timeout,
-                          size_t input_limit) except -1
+                          object input_limit, object output_limit) except -1
 cdef int register_connection(Connection conn) except -1
+cdef void np_conn_schedule(np_conn_t *c) noexcept nogil   # RUNNING set by the caller

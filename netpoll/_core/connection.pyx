@@ -1,39 +1,67 @@
-# Connection (Netpoll's connection_impl.go): blocking reads that wait for the
-# poller, flushes that send directly from the calling thread, close callbacks,
-# and process(): the rule for calling on_request.
+# Connection (Netpoll's connection_impl.go): the connection operator.
+#
+# The C half (the kind table CONN_KIND and everything it calls) runs on the
+# owning poller's thread without the GIL: recv into the input LinkBuffer,
+# sends of pending output, the idle and drain timers, teardown. The Python
+# half (Connection, ConnReader, ConnWriter) gives blocking reads that wait
+# for the poller, flushes that send from the calling thread, close
+# callbacks, and process(): the rule for calling on_request.
+#
+# Locking: c.op.lock guards the flags, the poll-set mask and `want`/`waiters`;
+# it is never held while taking the GIL or across a blocking syscall.
 
 import logging
 import os
 import socket as _socket
 
-from libc.stdint cimport int64_t, uint64_t
+from cpython.ref cimport PyObject
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.string cimport memset
 from posix.unistd cimport dup
 
 from netpoll._core.includes.system cimport (
-    close, shutdown, SHUT_WR, ETIMEDOUT,
-    pthread_mutex_lock, pthread_mutex_unlock, pthread_cond_broadcast,
-    np_cond_wait_until, np_monotonic_ns, np_set_nodelay, np_is_inet,
+    shutdown, SHUT_WR, ETIMEDOUT, ENOMEM, EBADF, MSG_DONTWAIT, errno, EINTR, EAGAIN,
+    EWOULDBLOCK, poll, pollfd, POLLIN, POLLOUT, recv,
+    pthread_mutex_lock, pthread_mutex_unlock, pthread_mutex_destroy, pthread_cond_broadcast,
+    pthread_cond_destroy,
+    np_cond_init_monotonic, np_cond_wait_until, np_monotonic_ns, np_set_nodelay, np_is_inet,
+    np_atomic_load_uint, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP,
 )
 from netpoll._core.linkbuffer cimport (
-    LinkBuffer, LB_READ, LB_WRITE, np_lb_readable, np_lb_release, np_lb_clear,
+    LinkBuffer, LB_READ, LB_WRITE, np_lb_t, np_lb_new, np_lb_free, np_lb_readable,
+    np_lb_reserve, np_lb_commit, np_lb_release, np_lb_clear,
 )
 from netpoll._core.poller cimport (
-    Operator, Poller, np_conn_t, np_conn_new, np_conn_decref, np_poller_submit,
-    np_on_poller_thread, np_update_mask_locked, np_relieve_limit_locked, np_send_locked, np_read_direct,
-    np_flush_async, np_schedule_process, np_poller_kick,
-    OP_CONN, RUN_POOL, RUN_INLINE, RUN_CUSTOM,
-    TASK_TEARDOWN, TASK_ARM_IDLE, TASK_RESUME,
-    CF_CLOSING, CF_USER_CLOSED, CF_PEER_EOF, CF_ERROR, CF_RUNNING, CF_SENDING,
-    CF_WANT_WRITE, CF_PAUSED, CF_LIMITED, CF_FD_CLOSED, CF_SHUT_WR,
-    CF_IDLE_FIRED, CF_HAS_HANDLER, CF_SHUT_WR_PENDING, CF_REGISTERED,
+    Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
+    np_op_incref, np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd,
+    np_op_gil, np_op_defer, np_poller_timer_push, np_on_poller_thread, np_on_any_poller,
+    np_poller_kick, np_poller_wake_ack, np_poller_set_tick,
+    OF_REGISTERED, OF_FD_CLOSED, T_REGISTER, T_TEARDOWN, T_FORCE, T_ARM_IDLE, T_RESUME,
+    T_PROCESS, GR_EVENT, GR_TEARDOWN,
 )
-from netpoll._core.runner cimport WorkerPool
+from netpoll._core.runner cimport (WorkerPool, np_taskq_t, np_taskq_push,
+                                   np_taskq_check_stall)
+from netpoll._core.sockio cimport np_recv, np_send_lb
+from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_remove
 
+from netpoll._validate import seconds_ns as _seconds_ns, size as _size
 from netpoll.errors import (
     ConnectionClosedError, PeerClosedError, ReadTimeoutError, WriteTimeoutError,
 )
 
 log = logging.getLogger("netpoll")
+
+cdef enum:
+    READ_BUDGET = 8             # recv calls per connection per wake (fairness)
+    DEFAULT_DRAIN_NS = 5000000000  # output drain limit at close without a write timeout
+    RECV_HINT = 4096            # minimum room offered to recv()
+    RX_CHUNK_MIN = 8192         # adaptive input chunk size: bounds
+    RX_CHUNK_MAX = 65536        # larger chunks fall outside the pool cache into mmap
+    DISCARD_MAX = 262144        # unread input dropped at close so that close() sends a FIN
+    TM_IDLE = 1                 # np_timer_t.kind of the two timers
+    TM_DRAIN = 2
+    CF_DISOWNED = 1 << 16       # the user closed our fd: it was not closed by us
 
 cdef size_t _chunk_hint = 8192
 
@@ -43,6 +71,594 @@ def set_buffer_size(size_t n):
     global _chunk_hint
     _chunk_hint = n if n > 0 else 8192
 
+# ------------------------------------------------------------ the operator
+
+cdef np_op_kind_t CONN_KIND
+CONN_KIND.name = "connection"
+CONN_KIND.ready = _conn_ready
+CONN_KIND.timer = _conn_timer
+CONN_KIND.task = _conn_task
+CONN_KIND.deferred = _conn_deferred
+CONN_KIND.free = _conn_free
+
+
+cdef np_conn_t *_conn_new(int fd) noexcept nogil:
+    cdef np_conn_t *c = <np_conn_t *>PyMem_RawMalloc(sizeof(np_conn_t))
+    if c == NULL:
+        return NULL
+    memset(c, 0, sizeof(np_conn_t))
+    np_op_init(&c.op, &CONN_KIND, fd)
+    np_op_own_fd(&c.op)
+    c.read_timeout_ns = -1
+    c.write_timeout_ns = -1
+    c.idle_timeout_ns = -1
+    np_cond_init_monotonic(&c.cond)
+    timer_init(&c.idle_timer)
+    c.idle_timer.kind = TM_IDLE
+    c.idle_timer.data = c
+    timer_init(&c.drain_timer)
+    c.drain_timer.kind = TM_DRAIN
+    c.drain_timer.data = c
+    c.inbuf = np_lb_new(0)
+    c.outbuf = np_lb_new(0)
+    c.last_active_ns = np_monotonic_ns()
+    if c.inbuf == NULL or c.outbuf == NULL:
+        c.op.fd = -1            # the caller still owns fd
+        np_op_decref(&c.op)
+        return NULL
+    return c
+
+
+cdef void _conn_free(np_op_t *op) noexcept nogil:
+    cdef np_conn_t *c = <np_conn_t *>op
+    np_lb_free(c.inbuf)
+    np_lb_free(c.outbuf)
+    pthread_cond_destroy(&c.cond)
+    pthread_mutex_destroy(&c.op.lock)
+    PyMem_RawFree(c)
+
+
+cdef void _update_mask_locked(np_conn_t *c) noexcept nogil:
+    """Bring the poll-set interest in line with the flags (lock held)."""
+    cdef unsigned int f = c.op.flags
+    cdef uint32_t want = 0
+    if not (f & OF_REGISTERED) or (f & OF_FD_CLOSED):
+        return
+    if not (f & (CF_PEER_EOF | CF_ERROR | CF_PAUSED | CF_LIMITED | CF_CLOSING)):
+        want |= NP_EV_READ
+    if (f & CF_WANT_WRITE) and not (f & CF_ERROR):
+        want |= NP_EV_WRITE
+    np_op_set_interest_locked(&c.op, want)
+
+
+cdef inline void _wake_waiters_locked(np_conn_t *c) noexcept nogil:
+    if c.waiters:
+        pthread_cond_broadcast(&c.cond)
+
+
+cdef void _set_error_locked(np_conn_t *c, int e) noexcept nogil:
+    c.op.flags |= CF_ERROR
+    c.op.flags &= ~CF_WANT_WRITE
+    if c.err == 0:
+        c.err = e
+
+# ----------------------------------------------------------------- sending
+
+cdef int _send_locked(np_conn_t *c) noexcept nogil:
+    """Send pending output from this thread (lock held on entry and exit).
+
+    Only one thread sends at a time (CF_SENDING); what the socket does not take
+    is left to the poller with EPOLLOUT. Returns 0 all sent, 1 left pending,
+    -errno on error, -EBADF when this thread may not send now."""
+    cdef int st
+    if c.op.flags & (CF_SENDING | OF_FD_CLOSED | CF_ERROR):
+        return -EBADF
+    c.op.flags |= CF_SENDING
+    pthread_mutex_unlock(&c.op.lock)
+    st = np_send_lb(c.op.fd, c.outbuf, NULL)
+    pthread_mutex_lock(&c.op.lock)
+    c.op.flags &= ~CF_SENDING
+    if c.idle_timeout_ns > 0:      # the clock read is only needed for idleness
+        c.last_active_ns = np_monotonic_ns()
+    if st < 0:
+        _set_error_locked(c, -st)
+    elif st == 1:
+        c.op.flags |= CF_WANT_WRITE
+    else:
+        c.op.flags &= ~CF_WANT_WRITE
+        if c.op.flags & CF_SHUT_WR_PENDING:
+            c.op.flags &= ~CF_SHUT_WR_PENDING
+            c.op.flags |= CF_SHUT_WR
+            shutdown(c.op.fd, SHUT_WR)
+    _update_mask_locked(c)
+    _wake_waiters_locked(c)
+    if c.op.flags & CF_TEARDOWN_WAIT:
+        c.op.flags &= ~CF_TEARDOWN_WAIT
+        np_op_submit(&c.op, T_TEARDOWN)
+    return st
+
+
+cdef void _arm_drain_locked(np_poller_t *p, np_conn_t *c, int64_t limit_ns) noexcept nogil:
+    """Bound the time output may stay unsent (poller thread, lock held)."""
+    if not (c.op.flags & CF_DRAIN_ARMED):
+        c.op.flags |= CF_DRAIN_ARMED
+        c.drain_timer.when = np_monotonic_ns() + limit_ns
+        if np_poller_timer_push(p, &c.drain_timer) < 0:
+            c.op.flags &= ~CF_DRAIN_ARMED
+
+
+cdef void _conn_deferred(np_poller_t *p, np_op_t *op) noexcept nogil:
+    """An inline handler flushed: send now, at the start of the poller's next
+    iteration, batched with every other connection of the last batch."""
+    cdef np_conn_t *c = <np_conn_t *>op
+    cdef int st
+    cdef bint sched = False
+    pthread_mutex_lock(&c.op.lock)
+    if not (c.op.flags & (CF_SENDING | CF_WANT_WRITE | OF_FD_CLOSED | CF_ERROR)):
+        st = _send_locked(c)
+        if st == 1 and c.write_timeout_ns >= 0:
+            _arm_drain_locked(p, c, c.write_timeout_ns)   # the peer does not read fast enough
+        elif st < 0 and st != -EBADF:
+            sched = _wants_process_locked(c)
+    pthread_mutex_unlock(&c.op.lock)
+    if sched:
+        _schedule(p, c)
+
+
+cdef int _write_direct(np_conn_t *c, size_t limit, int64_t deadline) noexcept nogil:
+    """Send from this thread until at most `limit` bytes stay queued: a flush
+    above the output limit on a poller thread, which must not wait for a
+    poller (its own is blocked in this handler, another one may be waiting
+    for us). poll()s the socket, stalling this poller's other connections,
+    until the output drains, the connection fails or closes, or `deadline`.
+    Returns W_OK, W_CLOSED, W_ERROR or W_TIMEOUT."""
+    cdef pollfd pfd
+    cdef int64_t now
+    cdef int ms
+    pthread_mutex_lock(&c.op.lock)
+    while np_lb_readable(c.outbuf) > limit:
+        if c.op.flags & (CF_USER_CLOSED | OF_FD_CLOSED):
+            pthread_mutex_unlock(&c.op.lock)
+            return W_CLOSED
+        if c.op.flags & CF_ERROR:
+            pthread_mutex_unlock(&c.op.lock)
+            return W_ERROR
+        if not (c.op.flags & CF_SENDING):
+            _send_locked(c)
+            if np_lb_readable(c.outbuf) <= limit or c.op.flags & CF_ERROR:
+                continue
+        pthread_mutex_unlock(&c.op.lock)
+        ms = 1                   # another thread is sending: look again soon
+        if deadline >= 0:
+            now = np_monotonic_ns()
+            if now >= deadline:
+                return W_TIMEOUT
+            if not (c.op.flags & CF_SENDING):
+                ms = <int>((deadline - now + 999999) // 1000000)
+        elif not (c.op.flags & CF_SENDING):
+            ms = 100             # re-check closes from other threads now and then
+        pfd.fd = c.op.fd
+        pfd.events = POLLOUT
+        pfd.revents = 0
+        if pfd.fd >= 0:
+            poll(&pfd, 1, ms)
+        pthread_mutex_lock(&c.op.lock)
+    pthread_mutex_unlock(&c.op.lock)
+    return W_OK
+
+# ----------------------------------------------------------------- reading
+
+cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
+    """recv into the input buffer until EAGAIN or the budget; called only by
+    the thread that owns the input side (the poller, or an inline handler on
+    it). Returns 0, 1 at EOF, or errno (ENOMEM when no buffer memory).
+
+    Memory grows with the bytes that arrive, never with what a reader asks
+    for: a blocked next(n) (c.want) enlarges the room offered to recv() only
+    up to what is already buffered (so a huge n declared by a hostile length
+    prefix costs nothing until the bytes really come), and never past the
+    input limit."""
+    cdef char *p
+    cdef size_t cap, want, have, room, hint
+    cdef ssize_t r
+    cdef int budget = READ_BUDGET
+    cdef int e
+    got[0] = 0
+    if c.rx_chunk == 0:
+        c.rx_chunk = RX_CHUNK_MIN
+    # Ask for contiguous room for a burst like the last one: a request/response
+    # peer sends messages of similar size, and one that lands whole in a
+    # chunk is handed out as a view instead of being copied together.
+    hint = c.rx_last if c.rx_last < RX_CHUNK_MAX else RX_CHUNK_MAX
+    if hint < RECV_HINT:
+        hint = RECV_HINT
+    while budget > 0:
+        have = np_lb_readable(c.inbuf)
+        want = c.want - have if c.want > have else 0
+        if want > RX_CHUNK_MAX and want > have:
+            want = RX_CHUNK_MAX if have < RX_CHUNK_MAX else have
+        p = np_lb_reserve(c.inbuf, want if want > hint else hint, c.rx_chunk, &cap)
+        if p == NULL:
+            return ENOMEM
+        if c.input_limit:
+            # Backpressure: read no further than the limit, so one wake-up
+            # cannot overshoot it.
+            room = c.input_limit - have if c.input_limit > have else 0
+            if room == 0:
+                np_lb_commit(c.inbuf, 0)
+                return 0
+            if room < cap:
+                cap = room
+        r = np_recv(c.op.fd, p, cap)
+        if r > 0:
+            np_lb_commit(c.inbuf, <size_t>r)
+            got[0] += <size_t>r
+            if <size_t>r < cap:
+                c.rx_last = got[0]
+                # The socket is very likely drained. Shrink the chunk size
+                # slowly when reads stay small (idle memory matters).
+                if got[0] * 8 < c.rx_chunk and c.rx_chunk > RX_CHUNK_MIN:
+                    c.rx_chunk >>= 1
+                return 0
+            # recv filled the room: bigger chunks mean fewer recv() calls and
+            # messages that stay contiguous (zero-copy views).
+            if c.rx_chunk < RX_CHUNK_MAX:
+                c.rx_chunk <<= 1
+            budget -= 1
+            continue
+        e = errno
+        np_lb_commit(c.inbuf, 0)
+        if r == 0:
+            return 1
+        if e == EAGAIN or e == EWOULDBLOCK:
+            return 0
+        return e
+    return 0
+
+
+cdef inline bint _wants_process_locked(np_conn_t *c) noexcept nogil:
+    """Set RUNNING if a process() should be scheduled now (lock held)."""
+    cdef unsigned int f = c.op.flags
+    if f & (CF_RUNNING | CF_CLOSING | OF_FD_CLOSED):
+        return False
+    if (f & (CF_PEER_EOF | CF_ERROR)) or ((f & CF_HAS_HANDLER) and np_lb_readable(c.inbuf) > 0):
+        c.op.flags |= CF_RUNNING
+        return True
+    return False
+
+
+cdef void _after_read_locked(np_conn_t *c, int st, size_t got, int64_t now) noexcept nogil:
+    """Fold a read's outcome into the flags; wake readers (lock held)."""
+    if got:
+        c.rx_seq += 1
+        c.last_active_ns = now
+    if st == 1:
+        c.op.flags |= CF_PEER_EOF
+    elif st != 0:
+        _set_error_locked(c, st)
+    if c.input_limit and np_lb_readable(c.inbuf) >= c.input_limit:
+        c.op.flags |= CF_LIMITED
+    _update_mask_locked(c)
+    if c.waiters and (np_lb_readable(c.inbuf) >= c.want or st != 0):
+        pthread_cond_broadcast(&c.cond)
+
+
+cdef void _relieve_limit_locked(np_conn_t *c) noexcept nogil:
+    """Resume reading a connection stopped by its input limit once the
+    buffer fell below the limit or the limit was lifted. Lock held."""
+    if not (c.op.flags & CF_LIMITED):
+        return
+    if c.input_limit == 0 or np_lb_readable(c.inbuf) < c.input_limit:
+        c.op.flags &= ~CF_LIMITED
+        _update_mask_locked(c)
+
+
+cdef int _read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
+    """Blocking read on the poller thread itself (an inline handler waiting for
+    c.want bytes): poll() this one socket, stalling the poller's other
+    connections until the bytes arrive, the peer leaves, the connection is
+    closed from another thread (the wake-up fd is polled too) or `deadline`
+    passes. Returns W_OK when c.want bytes are readable, W_PEER (peer closed
+    or socket error, in c.err), W_CLOSED (closed by us) or W_TIMEOUT."""
+    cdef pollfd pfds[2]
+    cdef np_poller_t *p = c.op.poller
+    cdef int64_t now
+    cdef int ms, st, r
+    cdef size_t got
+    pthread_mutex_lock(&c.op.lock)
+    # Send what this handler flushed so far: the peer may wait for it.
+    if np_lb_readable(c.outbuf) and not (c.op.flags & (CF_SENDING | CF_WANT_WRITE)):
+        _send_locked(c)
+    while np_lb_readable(c.inbuf) < c.want:
+        if c.op.flags & CF_USER_CLOSED:
+            pthread_mutex_unlock(&c.op.lock)
+            return W_CLOSED
+        if c.op.flags & (CF_PEER_EOF | CF_ERROR | OF_FD_CLOSED | CF_CLOSING):
+            pthread_mutex_unlock(&c.op.lock)
+            return W_PEER
+        pthread_mutex_unlock(&c.op.lock)
+        now = np_monotonic_ns()
+        if deadline >= 0:
+            if now >= deadline:
+                return W_TIMEOUT
+            ms = <int>((deadline - now + 999999) // 1000000)
+        else:
+            ms = -1
+        pfds[0].fd = c.op.fd
+        pfds[0].events = POLLIN
+        pfds[0].revents = 0
+        pfds[1].fd = p.wake_r
+        pfds[1].events = POLLIN
+        pfds[1].revents = 0
+        r = poll(pfds, 2, ms)
+        if r < 0 and errno != EINTR:
+            pthread_mutex_lock(&c.op.lock)
+            _after_read_locked(c, errno, 0, np_monotonic_ns())
+            pthread_mutex_unlock(&c.op.lock)
+            return W_PEER
+        if pfds[1].revents:
+            # Another thread wants this poller (a close, a task): the tasks
+            # stay queued for the loop, which checks them after this handler.
+            np_poller_wake_ack(p)
+        if pfds[0].revents:
+            st = _read_socket(c, &got)
+            pthread_mutex_lock(&c.op.lock)
+            _after_read_locked(c, st, got, np_monotonic_ns())
+        else:
+            pthread_mutex_lock(&c.op.lock)
+    pthread_mutex_unlock(&c.op.lock)
+    return W_OK
+
+# -------------------------------------------------------------- scheduling
+
+cdef void _schedule(np_poller_t *p, np_conn_t *c) noexcept nogil:
+    """Run process() for c (RUNNING already set), from its poller: on the
+    pool without the GIL, or in this batch's GIL phase."""
+    if c.run_mode == RUN_POOL and c.pool != NULL:
+        np_op_incref(&c.op)
+        if np_taskq_push(c.pool, c) == 0:
+            return
+        np_op_decref(&c.op)
+    np_op_gil(p, &c.op, GR_EVENT)
+
+
+cdef void np_conn_schedule(np_conn_t *c) noexcept nogil:
+    """From any thread: run process() for c, whose RUNNING flag the caller set."""
+    if c.run_mode == RUN_POOL and c.pool != NULL:
+        np_op_incref(&c.op)
+        if np_taskq_push(c.pool, c) == 0:
+            return
+        np_op_decref(&c.op)
+    np_op_submit(&c.op, T_PROCESS)
+
+
+cdef void _pool_item(void *item) noexcept:
+    """Worker-pool entry point (GIL held): run process() of the connection."""
+    cdef np_conn_t *c = <np_conn_t *>item
+    cdef Connection conn
+    if c.op.pyobj != NULL:
+        conn = <Connection><PyObject *>c.op.pyobj
+        try:
+            conn._process()
+        except BaseException:
+            log.exception("netpoll: unexpected error in a connection task")
+    np_op_decref(&c.op)
+
+
+cdef int _pool_tick(void *arg, int64_t now) noexcept nogil:
+    """The pollers' watch on the pool (see runner.pyx): wake a worker when
+    queued work waits behind blocked ones; poll at least every 1 ms then."""
+    cdef np_taskq_t *q = <np_taskq_t *>arg
+    if q.count == 0:
+        return -1
+    np_taskq_check_stall(q, now)
+    return 1
+
+
+def bind_pool(WorkerPool pool not None):
+    """Make `pool` run connection tasks queued by the pollers (one pool per
+    process: the pollers watch it for stalled workers)."""
+    pool.q.handler = _pool_item
+    np_poller_set_tick(_pool_tick, pool.q)
+
+# ------------------------------------------------------------ poller side
+
+cdef size_t _conn_ready(np_poller_t *p, np_op_t *op, uint32_t ev, int64_t now) noexcept nogil:
+    cdef np_conn_t *c = <np_conn_t *>op
+    cdef size_t got = 0
+    if ev & NP_EV_WRITE:
+        _on_writable(p, c)
+    if ev & (NP_EV_READ | NP_EV_HUP | NP_EV_ERR | NP_EV_RDHUP):
+        got = _on_readable(p, c, now)
+    return got
+
+
+cdef size_t _on_readable(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
+    """Read what c has (within the budget); returns the bytes read."""
+    cdef int st
+    cdef size_t got
+    cdef bint sched
+    # OF_FD_CLOSED is only set on this thread; the other bits are hints here
+    # and re-checked under the lock below, so a relaxed read is enough.
+    if np_atomic_load_uint(&c.op.flags) & (OF_FD_CLOSED | CF_PEER_EOF | CF_ERROR | CF_PAUSED
+                                           | CF_LIMITED | CF_CLOSING):
+        pthread_mutex_lock(&c.op.lock)
+        # Reading is off; a hang-up is reported regardless of the mask. Leave
+        # the set unless output is pending; resume/teardown re-register.
+        if not (c.op.flags & (CF_WANT_WRITE | OF_FD_CLOSED)):
+            np_op_set_interest_locked(&c.op, 0)
+        pthread_mutex_unlock(&c.op.lock)
+        return 0
+    st = _read_socket(c, &got)
+    pthread_mutex_lock(&c.op.lock)
+    _after_read_locked(c, st, got, now)
+    sched = _wants_process_locked(c)
+    pthread_mutex_unlock(&c.op.lock)
+    if sched:
+        _schedule(p, c)
+    return got
+
+
+cdef void _on_writable(np_poller_t *p, np_conn_t *c) noexcept nogil:
+    cdef int st
+    cdef bint sched = False
+    cdef bint finish = False
+    pthread_mutex_lock(&c.op.lock)
+    if c.op.flags & (CF_SENDING | OF_FD_CLOSED):
+        pthread_mutex_unlock(&c.op.lock)
+        return
+    st = _send_locked(c)
+    if st == 0:
+        if c.op.flags & CF_DRAIN_ARMED:
+            c.op.flags &= ~CF_DRAIN_ARMED
+            timer_heap_remove(&p.timers, &c.drain_timer)
+        finish = (c.op.flags & CF_TEARDOWN) != 0
+    elif st < 0 and st != -EBADF:
+        finish = (c.op.flags & CF_TEARDOWN) != 0
+        sched = _wants_process_locked(c)
+    pthread_mutex_unlock(&c.op.lock)
+    if finish:
+        _teardown(p, c, True)
+    elif sched:
+        _schedule(p, c)
+
+
+cdef void _discard_input(int fd) noexcept nogil:
+    """Read and drop what the peer sent that nobody will read (bounded).
+
+    close() on a socket with unread input sends a RST instead of a FIN: the
+    peer sees a reset rather than a clean close, and may drop the reply we
+    just sent before reading it. Past DISCARD_MAX (a peer still flooding)
+    the RST is what it gets."""
+    cdef char junk[16384]
+    cdef size_t total = 0
+    cdef ssize_t r
+    while total < DISCARD_MAX:
+        r = recv(fd, junk, sizeof(junk), MSG_DONTWAIT)
+        if r <= 0:
+            if r < 0 and errno == EINTR:
+                continue
+            return
+        total += <size_t>r
+
+
+cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
+    """Close c's fd on its poller once pending output is sent (or the drain
+    limit passes), then let Python drop its references."""
+    cdef int closed
+    pthread_mutex_lock(&c.op.lock)
+    if c.op.flags & OF_FD_CLOSED:
+        pthread_mutex_unlock(&c.op.lock)
+        return
+    c.op.flags |= CF_TEARDOWN
+    if c.op.flags & CF_SENDING:
+        c.op.flags |= CF_TEARDOWN_WAIT       # the sender resubmits when done
+        pthread_mutex_unlock(&c.op.lock)
+        return
+    if not forced and not (c.op.flags & CF_ERROR) and np_lb_readable(c.outbuf) > 0:
+        # Deliver what was flushed before the close, bounded in time.
+        _arm_drain_locked(p, c, c.write_timeout_ns if c.write_timeout_ns >= 0
+                          else DEFAULT_DRAIN_NS)
+        c.op.flags |= CF_WANT_WRITE
+        _update_mask_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+        return
+    c.op.flags &= ~CF_WANT_WRITE
+    pthread_mutex_unlock(&c.op.lock)
+    timer_heap_remove(&p.timers, &c.idle_timer)
+    timer_heap_remove(&p.timers, &c.drain_timer)
+    if c.op.flags & CF_ERROR:
+        closed = np_op_close_fd(&c.op, NULL)
+    else:
+        closed = np_op_close_fd(&c.op, _discard_input)
+    pthread_mutex_lock(&c.op.lock)
+    if closed == 2:
+        c.op.flags |= CF_DISOWNED
+    _wake_waiters_locked(c)
+    pthread_mutex_unlock(&c.op.lock)
+    np_op_gil(p, &c.op, GR_TEARDOWN)
+
+
+cdef void _arm_idle(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
+    timer_heap_remove(&p.timers, &c.idle_timer)
+    c.last_active_ns = now         # sends do not stamp activity without a timeout
+    if c.idle_timeout_ns > 0 and not (c.op.flags & (CF_CLOSING | OF_FD_CLOSED)):
+        c.idle_timer.when = c.last_active_ns + c.idle_timeout_ns
+        if c.idle_timer.when < now:
+            c.idle_timer.when = now
+        np_poller_timer_push(p, &c.idle_timer)
+
+
+cdef void _conn_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) noexcept nogil:
+    cdef np_conn_t *c = <np_conn_t *>op
+    cdef bint sched = False
+    if t.kind == TM_IDLE:
+        pthread_mutex_lock(&c.op.lock)
+        if c.op.flags & (CF_CLOSING | OF_FD_CLOSED):
+            pthread_mutex_unlock(&c.op.lock)
+            return
+        if c.op.flags & CF_RUNNING or c.last_active_ns + c.idle_timeout_ns > now:
+            # Busy, or traffic since the timer was set: look again later.
+            c.idle_timer.when = c.last_active_ns + c.idle_timeout_ns
+            if c.idle_timer.when <= now:
+                c.idle_timer.when = now + c.idle_timeout_ns
+            if np_poller_timer_push(p, &c.idle_timer) < 0:
+                c.op.flags |= CF_IDLE_FIRED     # cannot watch it: close it rather than never
+                sched = _wants_process_locked(c)
+        else:
+            c.op.flags |= CF_IDLE_FIRED | CF_RUNNING
+            sched = True
+        pthread_mutex_unlock(&c.op.lock)
+        if sched:
+            _schedule(p, c)
+        return
+    # TM_DRAIN
+    pthread_mutex_lock(&c.op.lock)
+    c.op.flags &= ~CF_DRAIN_ARMED
+    if c.op.flags & CF_TEARDOWN:
+        pthread_mutex_unlock(&c.op.lock)
+        _teardown(p, c, True)       # the drain limit passed: drop the rest
+        return
+    if np_lb_readable(c.outbuf) > 0:
+        # An inline flush could not complete within the write timeout.
+        _set_error_locked(c, ETIMEDOUT)
+        _update_mask_locked(c)
+        sched = _wants_process_locked(c)
+    pthread_mutex_unlock(&c.op.lock)
+    if sched:
+        _schedule(p, c)
+
+
+cdef void _conn_task(np_poller_t *p, np_op_t *op, unsigned int tasks, int64_t now) noexcept nogil:
+    cdef np_conn_t *c = <np_conn_t *>op
+    cdef bint sched = False
+    if tasks & T_REGISTER:
+        pthread_mutex_lock(&c.op.lock)
+        if not (c.op.flags & (OF_FD_CLOSED | OF_REGISTERED)):
+            c.op.flags |= OF_REGISTERED
+            _update_mask_locked(c)
+            # Input that arrived before registration (or a client's pre-read)
+            # would otherwise wait for more bytes.
+            sched = _wants_process_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+        if sched:
+            _schedule(p, c)
+        tasks |= T_ARM_IDLE
+    if tasks & T_ARM_IDLE:
+        _arm_idle(p, c, now)
+    if tasks & T_RESUME:
+        pthread_mutex_lock(&c.op.lock)
+        _update_mask_locked(c)
+        sched = _wants_process_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+        if sched:
+            _schedule(p, c)
+    if tasks & T_PROCESS:
+        np_op_gil(p, &c.op, GR_EVENT)
+    if tasks & T_TEARDOWN:
+        _teardown(p, c, (tasks & T_FORCE) != 0)
+
+# ------------------------------------------------------------- Python half
 
 cdef enum:
     W_OK = 0
@@ -50,19 +666,6 @@ cdef enum:
     W_CLOSED = 2
     W_TIMEOUT = 3
     W_ERROR = 4
-
-
-cdef int64_t _timeout_ns(object seconds, str what) except -2:
-    """None -> -1 (no limit); a non-negative number of seconds -> ns."""
-    if seconds is None:
-        return -1
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds or None, not {type(seconds).__name__}")
-    if seconds != seconds or seconds < 0:
-        raise ValueError(f"{what} must be >= 0 or None, got {seconds!r}")
-    if seconds > 10 ** 9:
-        return -1
-    return <int64_t>(seconds * 1e9)
 
 
 cdef inline int64_t _deadline(int64_t timeout_ns) noexcept nogil:
@@ -89,18 +692,8 @@ cdef str _describe(object conn):
         return "<Connection>"
 
 
-cdef void _close_fd_unless(np_conn_t *c, unsigned int flags) noexcept nogil:
-    """Close c's fd here (it is on no poller) unless already closed or any
-    of `flags` is set."""
-    cdef int fd = -1
-    pthread_mutex_lock(&c.lock)
-    if not (c.flags & (CF_FD_CLOSED | flags)) and c.fd >= 0:
-        fd = c.fd
-        c.fd = -1
-        c.flags |= CF_FD_CLOSED
-    pthread_mutex_unlock(&c.lock)
-    if fd >= 0:
-        close(fd)
+cdef str _error_text(np_conn_t *c):
+    return os.strerror(c.err) if c.err else "socket error"
 
 
 cdef class ConnReader(LinkBuffer):
@@ -109,10 +702,10 @@ cdef class ConnReader(LinkBuffer):
 
     cdef int _check(self, int need) except -1:
         cdef np_conn_t *c
-        if self.conn is None or self.conn.op == NULL:
+        if self.conn is None or self.conn.c == NULL:
             raise ConnectionClosedError(f"read on {_describe(self.conn)}: connection is not open")
-        c = self.conn.op
-        if c.flags & CF_USER_CLOSED:
+        c = self.conn.c
+        if c.op.flags & CF_USER_CLOSED:
             raise ConnectionClosedError(f"read on {_describe(self.conn)}: connection closed")
         if not (self.mode & need):
             raise TypeError(f"write on the reader of {_describe(self.conn)}: "
@@ -120,43 +713,47 @@ cdef class ConnReader(LinkBuffer):
         return 0
 
     cdef int _need(self, size_t n) except -1:
-        cdef np_conn_t *c = self.conn.op
+        cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
         cdef int64_t deadline
         if np_lb_readable(c.inbuf) >= n:
             return 0
+        if c.input_limit and n > c.input_limit:
+            # It could never arrive: the poller stops reading at the limit.
+            raise ValueError(
+                f"read on {_describe(self.conn)}: {n} bytes exceed the input limit "
+                f"({c.input_limit} bytes)")
         deadline = _deadline(c.read_timeout_ns)
-        if np_on_poller_thread(c.poller):
+        if np_on_poller_thread(c.op.poller):
             # Inline handler: nobody else will read this socket, so read it here.
             with nogil:
-                pthread_mutex_lock(&c.lock)
+                pthread_mutex_lock(&c.op.lock)
                 c.want = n
-                pthread_mutex_unlock(&c.lock)
-                rc = np_read_direct(c, deadline)
-                pthread_mutex_lock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
+                rc = _read_direct(c, deadline)
+                pthread_mutex_lock(&c.op.lock)
                 c.want = 0
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
         else:
             with nogil:
-                pthread_mutex_lock(&c.lock)
+                pthread_mutex_lock(&c.op.lock)
                 c.want = n
-                np_relieve_limit_locked(c)   # it may need more than the limit
                 while np_lb_readable(c.inbuf) < n:
-                    if c.flags & CF_USER_CLOSED:
+                    if c.op.flags & CF_USER_CLOSED:
                         rc = W_CLOSED
                         break
-                    if c.flags & (CF_PEER_EOF | CF_ERROR | CF_FD_CLOSED):
+                    if c.op.flags & (CF_PEER_EOF | CF_ERROR | OF_FD_CLOSED):
                         rc = W_PEER
                         break
                     c.waiters += 1
-                    r = np_cond_wait_until(&c.cond, &c.lock, deadline)
+                    r = np_cond_wait_until(&c.cond, &c.op.lock, deadline)
                     c.waiters -= 1
                     if r == ETIMEDOUT and np_lb_readable(c.inbuf) < n:
                         rc = W_TIMEOUT
                         break
                 c.want = 0
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
         if rc == W_OK or np_lb_readable(c.inbuf) >= n:
             return 0
         if rc == W_CLOSED:
@@ -165,6 +762,8 @@ cdef class ConnReader(LinkBuffer):
             raise ReadTimeoutError(
                 f"read on {_describe(self.conn)}: no {n} bytes within the read timeout "
                 f"({np_lb_readable(c.inbuf)} buffered)")
+        if c.err == ENOMEM:
+            raise MemoryError(f"read on {_describe(self.conn)}: out of buffer memory")
         raise PeerClosedError(
             f"read on {_describe(self.conn)}: peer closed with {np_lb_readable(c.inbuf)} "
             f"of {n} bytes buffered")
@@ -173,12 +772,12 @@ cdef class ConnReader(LinkBuffer):
         """Free the memory of bytes already read (views stay valid)."""
         cdef np_conn_t *c
         self._check(LB_READ)
-        c = self.conn.op
+        c = self.conn.c
         np_lb_release(c.inbuf)
-        if c.flags & CF_LIMITED:
-            pthread_mutex_lock(&c.lock)
-            np_relieve_limit_locked(c)
-            pthread_mutex_unlock(&c.lock)
+        if c.op.flags & CF_LIMITED:
+            pthread_mutex_lock(&c.op.lock)
+            _relieve_limit_locked(c)
+            pthread_mutex_unlock(&c.op.lock)
 
     def __repr__(self):
         return f"<ConnReader of {self.conn!r} buffered={len(self)}>"
@@ -188,77 +787,97 @@ cdef class ConnWriter(LinkBuffer):
     """The connection's output: LinkBuffer's writer methods; flush() sends.
 
     From a worker or any other thread flush() writes directly and blocks until
-    everything flushed is sent (or the write timeout passes). From an inline
-    handler on the poller thread it queues the bytes and returns: the poller
-    sends them right after the batch, bounded by the write timeout.
-    Reader methods raise TypeError."""
+    everything flushed is sent (or the write timeout passes). From a poller
+    thread (an inline handler) it never waits for a poller: up to the output
+    limit it queues the bytes and returns (its own poller sends them right
+    after the batch, bounded by the write timeout); above it, it sends from
+    this thread until no more than the limit is queued, bounded by the write
+    timeout. Reader methods raise TypeError."""
 
     cdef int _check(self, int need) except -1:
         cdef np_conn_t *c
-        if self.conn is None or self.conn.op == NULL:
+        if self.conn is None or self.conn.c == NULL:
             raise ConnectionClosedError(f"write on {_describe(self.conn)}: connection is not open")
-        c = self.conn.op
-        if c.flags & (CF_CLOSING | CF_FD_CLOSED):
+        c = self.conn.c
+        if c.op.flags & (CF_CLOSING | OF_FD_CLOSED):
             raise ConnectionClosedError(f"write on {_describe(self.conn)}: connection closed")
-        if c.flags & CF_ERROR:
-            raise ConnectionClosedError(
-                f"write on {_describe(self.conn)}: {os.strerror(c.err) if c.err else 'socket error'}")
+        if c.op.flags & CF_ERROR:
+            raise ConnectionClosedError(f"write on {_describe(self.conn)}: {_error_text(c)}")
         if not (self.mode & need):
             raise TypeError(f"read on the writer of {_describe(self.conn)}: "
                             "a connection's writer cannot be read from")
         return 0
 
     cdef int _after_flush(self) except -1:
-        cdef np_conn_t *c = self.conn.op
+        cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
         cdef int64_t deadline
         cdef uint64_t target
+        cdef size_t limit = c.output_limit
         if np_lb_readable(c.outbuf) == 0:
             return 0
-        if np_on_poller_thread(c.poller):
-            np_flush_async(c)
-            return 0
+        if np_on_poller_thread(c.op.poller):
+            if limit == 0 or np_lb_readable(c.outbuf) <= limit:
+                np_op_defer(c.op.poller, &c.op)
+                return 0
+            deadline = _deadline(c.write_timeout_ns)
+            with nogil:
+                rc = _write_direct(c, limit, deadline)
+            if rc == W_OK and np_lb_readable(c.outbuf):
+                np_op_defer(c.op.poller, &c.op)
+            return self._flush_result(rc)
         deadline = _deadline(c.write_timeout_ns)
         # First attempt with the GIL held: the socket is non-blocking, so the
         # send cannot block, and keeping the GIL avoids handing it to another
         # thread and queueing to get it back for every reply.
-        pthread_mutex_lock(&c.lock)
+        pthread_mutex_lock(&c.op.lock)
         target = c.outbuf.total_in
-        if not (c.flags & (CF_SENDING | CF_WANT_WRITE | CF_USER_CLOSED | CF_FD_CLOSED
-                           | CF_ERROR)):
-            np_send_locked(c)
+        if not (c.op.flags & (CF_SENDING | CF_WANT_WRITE | CF_USER_CLOSED | OF_FD_CLOSED
+                              | CF_ERROR)):
+            _send_locked(c)
         if c.outbuf.total_out >= target:
-            pthread_mutex_unlock(&c.lock)
+            pthread_mutex_unlock(&c.op.lock)
             return 0
-        pthread_mutex_unlock(&c.lock)
+        pthread_mutex_unlock(&c.op.lock)
+        if np_on_any_poller():
+            # Another poller's inline handler: never wait for this
+            # connection's poller (it may be waiting for ours). Leave up to
+            # the limit queued; send the rest from here.
+            with nogil:
+                rc = _write_direct(c, limit, deadline)
+            return self._flush_result(rc)
         with nogil:
-            pthread_mutex_lock(&c.lock)
+            pthread_mutex_lock(&c.op.lock)
             while c.outbuf.total_out < target:
-                if c.flags & (CF_USER_CLOSED | CF_FD_CLOSED):
+                if c.op.flags & (CF_USER_CLOSED | OF_FD_CLOSED):
                     rc = W_CLOSED
                     break
-                if c.flags & CF_ERROR:
+                if c.op.flags & CF_ERROR:
                     rc = W_ERROR
                     break
-                if not (c.flags & (CF_SENDING | CF_WANT_WRITE)):
-                    np_send_locked(c)
+                if not (c.op.flags & (CF_SENDING | CF_WANT_WRITE)):
+                    _send_locked(c)
                     continue
                 c.waiters += 1
-                r = np_cond_wait_until(&c.cond, &c.lock, deadline)
+                r = np_cond_wait_until(&c.cond, &c.op.lock, deadline)
                 c.waiters -= 1
                 if r == ETIMEDOUT and c.outbuf.total_out < target:
                     rc = W_TIMEOUT
                     break
-            pthread_mutex_unlock(&c.lock)
+            pthread_mutex_unlock(&c.op.lock)
+        return self._flush_result(rc)
+
+    cdef int _flush_result(self, int rc) except -1:
+        cdef np_conn_t *c = self.conn.c
         if rc == W_OK:
             return 0
         if rc == W_TIMEOUT:
             raise WriteTimeoutError(
-                f"flush on {_describe(self.conn)}: not sent within the write timeout")
+                f"flush on {_describe(self.conn)}: not sent within the write timeout "
+                f"({np_lb_readable(c.outbuf)} bytes queued)")
         if rc == W_ERROR:
-            raise ConnectionClosedError(
-                f"flush on {_describe(self.conn)}: {os.strerror(c.err) if c.err else 'socket error'}")
+            raise ConnectionClosedError(f"flush on {_describe(self.conn)}: {_error_text(c)}")
         raise ConnectionClosedError(f"flush on {_describe(self.conn)}: connection closed")
 
     def __repr__(self):
@@ -277,29 +896,37 @@ cdef class Connection(Operator):
         raise TypeError("Connection objects are made by EventLoop and dial_connection()")
 
     def __cinit__(self):
+        self.c = NULL
         self.reader = None
         self.writer = None
         self._close_callbacks = []
 
     def __dealloc__(self):
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         if c == NULL:
             return
+        self.c = NULL
         self.op = NULL
-        c.pyobj = NULL
-        _close_fd_unless(c, CF_REGISTERED)    # never handed to a poller: ours to close
-        np_conn_decref(c)
+        c.op.pyobj = NULL
+        if not (c.op.flags & OF_REGISTERED):
+            np_op_close_fd(&c.op, NULL)    # never handed to a poller: ours to close
+        np_op_decref(&c.op)
 
     cdef inline np_conn_t *_live(self) except NULL:
-        if self.op == NULL or self.reader is None or self.writer is None:
+        if self.c == NULL or self.reader is None or self.writer is None:
             raise ConnectionClosedError("connection is not initialised")
-        return self.op
+        return self.c
 
     # ---------------------------------------------------------- dispatch
 
     cdef int _on_poller_event(self) except -1:
-        if self._runner is not None and self.op.run_mode == RUN_CUSTOM:
-            self._runner(self._run_task)
+        if self._runner is not None and self.c.run_mode == RUN_CUSTOM:
+            try:
+                self._runner(self._run_task)
+            except BaseException:
+                # The task never ran: nothing else would clear RUNNING.
+                log.exception("netpoll: the runner raised for %s; closing it", _describe(self))
+                self._close(False)
         else:
             self._process()
         return 0
@@ -330,14 +957,14 @@ cdef class Connection(Operator):
         After a call returns with unread input, on_request is called again at
         once if it consumed something or new bytes arrived meanwhile; otherwise
         the poller calls it when new bytes arrive. It never spins."""
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         cdef uint64_t rx0 = 0, out0 = 0
         cdef bint ran
         cdef unsigned int f
         if c == NULL:
             return 0
         while True:
-            if c.flags & CF_CLOSING:
+            if c.op.flags & CF_CLOSING:
                 return 0
             if not self._connected:
                 self._connected = True
@@ -351,33 +978,33 @@ cdef class Connection(Operator):
                         return 0
             ran = False
             if (self._on_request is not None and np_lb_readable(c.inbuf) > 0
-                    and not (c.flags & (CF_CLOSING | CF_IDLE_FIRED))):
+                    and not (c.op.flags & (CF_CLOSING | CF_IDLE_FIRED))):
                 ran = True
                 rx0 = c.rx_seq
                 out0 = c.inbuf.total_out
                 if self._call_handler():
                     return 0
                 np_lb_release(c.inbuf)
-            pthread_mutex_lock(&c.lock)
-            np_relieve_limit_locked(c)
-            f = c.flags
+            pthread_mutex_lock(&c.op.lock)
+            _relieve_limit_locked(c)
+            f = c.op.flags
             if f & CF_CLOSING:
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
                 return 0
             if (f & CF_IDLE_FIRED) or self._close_when_idle:
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
                 self._close(False)
                 return 0
             if self._on_request is not None and np_lb_readable(c.inbuf) > 0:
                 if not ran or c.inbuf.total_out != out0 or c.rx_seq != rx0:
-                    pthread_mutex_unlock(&c.lock)
+                    pthread_mutex_unlock(&c.op.lock)
                     continue
             if f & (CF_PEER_EOF | CF_ERROR):
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
                 self._peer_gone()
                 return 0
-            c.flags &= ~CF_RUNNING
-            pthread_mutex_unlock(&c.lock)
+            c.op.flags &= ~CF_RUNNING
+            pthread_mutex_unlock(&c.op.lock)
             return 0
 
     cdef int _peer_gone(self) except -1:
@@ -394,27 +1021,31 @@ cdef class Connection(Operator):
 
     cdef int _schedule_from_python(self) except -1:
         """Start a process() if one is due and none is running (any thread)."""
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         cdef bint go = False
-        pthread_mutex_lock(&c.lock)
-        if not (c.flags & (CF_RUNNING | CF_CLOSING | CF_FD_CLOSED)) and (
-                (c.flags & (CF_PEER_EOF | CF_ERROR)) or
+        pthread_mutex_lock(&c.op.lock)
+        if not (c.op.flags & (CF_RUNNING | CF_CLOSING | OF_FD_CLOSED)) and (
+                (c.op.flags & (CF_PEER_EOF | CF_ERROR)) or
                 (self._on_request is not None and np_lb_readable(c.inbuf) > 0)):
-            c.flags |= CF_RUNNING
+            c.op.flags |= CF_RUNNING
             go = True
-        pthread_mutex_unlock(&c.lock)
+        pthread_mutex_unlock(&c.op.lock)
         if go:
-            np_schedule_process(c)
+            np_conn_schedule(c)
         return 0
 
     cdef int _on_teardown(self) except -1:
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
+        if c.op.flags & CF_DISOWNED:
+            log.warning("netpoll: the fd of %s was closed by someone else; netpoll left "
+                        "the number alone (close connections with conn.close())",
+                        _describe(self))
         # The fd is closed. Give buffer memory back now rather than when the
         # cyclic GC collects this object (it and its reader/writer refer to
         # each other). Unread input stays for a handler-less client that the
         # peer closed: it may still read what arrived.
         np_lb_clear(c.outbuf)
-        if (c.flags & CF_USER_CLOSED) or self._on_request is not None:
+        if (c.op.flags & CF_USER_CLOSED) or self._on_request is not None:
             np_lb_clear(c.inbuf)
         if self._poller is not None:
             self._poller.unregister(self)
@@ -423,27 +1054,26 @@ cdef class Connection(Operator):
     # ---------------------------------------------------------- closing
 
     cdef int _close(self, bint user) except -1:
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         if c == NULL:
             return 0
-        pthread_mutex_lock(&c.lock)
-        if c.flags & CF_CLOSING:
-            if user and not (c.flags & CF_USER_CLOSED):
-                c.flags |= CF_USER_CLOSED
+        pthread_mutex_lock(&c.op.lock)
+        if c.op.flags & CF_CLOSING:
+            if user and not (c.op.flags & CF_USER_CLOSED):
+                c.op.flags |= CF_USER_CLOSED
                 pthread_cond_broadcast(&c.cond)
-                pthread_mutex_unlock(&c.lock)
-                np_poller_kick(c.poller)
+                pthread_mutex_unlock(&c.op.lock)
+                np_poller_kick(c.op.poller)
                 return 0
-            pthread_mutex_unlock(&c.lock)
+            pthread_mutex_unlock(&c.op.lock)
             return 0
-        c.flags |= CF_CLOSING
+        c.op.flags |= CF_CLOSING
         if user:
-            c.flags |= CF_USER_CLOSED
-        np_update_mask_locked(c)
-        if c.waiters:
-            pthread_cond_broadcast(&c.cond)
-        pthread_mutex_unlock(&c.lock)
-        np_poller_kick(c.poller)     # an inline handler may be blocked reading
+            c.op.flags |= CF_USER_CLOSED
+        _update_mask_locked(c)
+        _wake_waiters_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+        np_poller_kick(c.op.poller)     # an inline handler may be blocked reading
         callbacks = self._close_callbacks
         self._close_callbacks = []
         for cb in reversed(callbacks):
@@ -457,24 +1087,24 @@ cdef class Connection(Operator):
                 owner._connection_closed(self)
             except BaseException:
                 log.exception("netpoll: error while forgetting %s", _describe(self))
-        if c.poller != NULL:
-            np_poller_submit(c.poller, TASK_TEARDOWN, c, NULL)
+        if c.op.poller != NULL:
+            np_op_submit(&c.op, T_TEARDOWN)
         else:
-            _close_fd_unless(c, 0)
+            np_op_close_fd(&c.op, NULL)
         return 0
 
     def _close_when_done(self):
         """Graceful shutdown: close now if no handler runs, else when it returns."""
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         cdef bint idle
         if c == NULL:
             return
         self._close_when_idle = True
-        pthread_mutex_lock(&c.lock)
-        idle = not (c.flags & CF_RUNNING)
+        pthread_mutex_lock(&c.op.lock)
+        idle = not (c.op.flags & CF_RUNNING)
         if idle:
-            c.flags |= CF_RUNNING
-        pthread_mutex_unlock(&c.lock)
+            c.op.flags |= CF_RUNNING
+        pthread_mutex_unlock(&c.op.lock)
         if idle:
             self._close(False)
 
@@ -485,23 +1115,23 @@ cdef class Connection(Operator):
         callbacks run once, newest first, in this call; the fd is closed after
         them, once output already flushed has been sent (bounded by the write
         timeout, 5 s without one)."""
-        if self._remote_addr is None and self.op != NULL and not (self.op.flags & CF_FD_CLOSED):
+        if self._remote_addr is None and self.c != NULL and not (self.c.op.flags & OF_FD_CLOSED):
             self.local_addr, self.remote_addr   # remembered for repr() and messages after close
         self._close(True)
 
     def is_active(self):
         """False once the connection is closed or the peer has gone."""
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         if c == NULL:
             return False
-        return not (c.flags & (CF_CLOSING | CF_FD_CLOSED | CF_PEER_EOF | CF_ERROR))
+        return not (c.op.flags & (CF_CLOSING | OF_FD_CLOSED | CF_PEER_EOF | CF_ERROR))
 
     def add_close_callback(self, callback):
         """Call `callback(conn)` once when the connection closes (newest first).
         On an already closed connection it is called at once."""
         if not callable(callback):
             raise TypeError("close callback must be callable")
-        if self.op == NULL or self.op.flags & CF_CLOSING:
+        if self.c == NULL or self.c.op.flags & CF_CLOSING:
             callback(self)
             return
         self._close_callbacks.append(callback)
@@ -512,76 +1142,87 @@ cdef class Connection(Operator):
             raise TypeError("on_request must be callable or None")
         cdef np_conn_t *c = self._live()
         self._on_request = handler
-        pthread_mutex_lock(&c.lock)
+        pthread_mutex_lock(&c.op.lock)
         if handler is None:
-            c.flags &= ~CF_HAS_HANDLER
+            c.op.flags &= ~CF_HAS_HANDLER
         else:
-            c.flags |= CF_HAS_HANDLER
-        pthread_mutex_unlock(&c.lock)
+            c.op.flags |= CF_HAS_HANDLER
+        pthread_mutex_unlock(&c.op.lock)
         if handler is not None:
             self._schedule_from_python()
 
     def set_read_timeout(self, seconds):
-        """Limit blocking reads to `seconds` (None: no limit)."""
-        self._live().read_timeout_ns = _timeout_ns(seconds, "read timeout")
+        """Limit blocking reads to `seconds` (None or inf: no limit)."""
+        cdef np_conn_t *c = self._live()
+        c.read_timeout_ns = _seconds_ns(seconds, "read timeout")
 
     def set_write_timeout(self, seconds):
-        """Limit flushes to `seconds` (None: no limit)."""
-        self._live().write_timeout_ns = _timeout_ns(seconds, "write timeout")
+        """Limit flushes to `seconds` (None or inf: no limit)."""
+        cdef np_conn_t *c = self._live()
+        c.write_timeout_ns = _seconds_ns(seconds, "write timeout")
 
     def set_idle_timeout(self, seconds):
         """Close the connection after `seconds` without traffic in either
-        direction while no handler runs (None: never)."""
+        direction while no handler runs (None or inf: never)."""
         cdef np_conn_t *c = self._live()
-        c.idle_timeout_ns = _timeout_ns(seconds, "idle timeout")
-        if c.poller != NULL:
-            np_poller_submit(c.poller, TASK_ARM_IDLE, c, NULL)
+        c.idle_timeout_ns = _seconds_ns(seconds, "idle timeout")
+        if c.op.poller != NULL:
+            np_op_submit(&c.op, T_ARM_IDLE)
 
     def set_input_limit(self, nbytes):
         """Stop reading the socket while `nbytes` or more are buffered (None or
-        0: no limit). TCP then pushes back on the peer."""
+        0: no limit). TCP then pushes back on the peer. A read that asks for
+        more than the limit raises ValueError."""
         cdef np_conn_t *c = self._live()
-        if nbytes is None:
-            nbytes = 0
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError("input limit must be an int or None")
-        if nbytes < 0:
-            raise ValueError(f"input limit must be >= 0, got {nbytes}")
-        pthread_mutex_lock(&c.lock)
-        c.input_limit = <size_t>nbytes
-        np_relieve_limit_locked(c)
-        pthread_mutex_unlock(&c.lock)
+        cdef size_t n = _size(nbytes, "input limit", none_ok=True) or 0
+        pthread_mutex_lock(&c.op.lock)
+        c.input_limit = n
+        _relieve_limit_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+
+    def set_output_limit(self, nbytes):
+        """Bytes a flush() on a poller thread (an inline handler) may leave
+        queued and return; above it the flush sends from the calling thread
+        and waits (bounded by the write timeout). None or 0: no limit."""
+        cdef np_conn_t *c = self._live()
+        c.output_limit = _size(nbytes, "output limit", none_ok=True) or 0
+
+    def output_buffered(self):
+        """Bytes flushed and not yet sent."""
+        if self.c == NULL:
+            return 0
+        return np_lb_readable(self.c.outbuf)
 
     def pause_read(self):
         """Stop reading from the socket until resume_read(); buffered input
         stays readable."""
         cdef np_conn_t *c = self._live()
-        pthread_mutex_lock(&c.lock)
-        c.flags |= CF_PAUSED
-        np_update_mask_locked(c)
-        pthread_mutex_unlock(&c.lock)
+        pthread_mutex_lock(&c.op.lock)
+        c.op.flags |= CF_PAUSED
+        _update_mask_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
 
     def resume_read(self):
         """Undo pause_read()."""
         cdef np_conn_t *c = self._live()
-        pthread_mutex_lock(&c.lock)
-        c.flags &= ~CF_PAUSED
-        pthread_mutex_unlock(&c.lock)
-        if c.poller != NULL:
-            np_poller_submit(c.poller, TASK_RESUME, c, NULL)
+        pthread_mutex_lock(&c.op.lock)
+        c.op.flags &= ~CF_PAUSED
+        pthread_mutex_unlock(&c.op.lock)
+        if c.op.poller != NULL:
+            np_op_submit(&c.op, T_RESUME)
 
     def shutdown_write(self):
         """Send our FIN after the output already flushed; keep reading."""
         cdef np_conn_t *c = self._live()
         self.writer._check(LB_WRITE)
-        pthread_mutex_lock(&c.lock)
-        if not (c.flags & (CF_SHUT_WR | CF_SHUT_WR_PENDING)):
-            if np_lb_readable(c.outbuf) == 0 and not (c.flags & (CF_SENDING | CF_WANT_WRITE)):
-                c.flags |= CF_SHUT_WR
-                shutdown(c.fd, SHUT_WR)
+        pthread_mutex_lock(&c.op.lock)
+        if not (c.op.flags & (CF_SHUT_WR | CF_SHUT_WR_PENDING | OF_FD_CLOSED)):
+            if np_lb_readable(c.outbuf) == 0 and not (c.op.flags & (CF_SENDING | CF_WANT_WRITE)):
+                c.op.flags |= CF_SHUT_WR
+                shutdown(c.op.fd, SHUT_WR)
             else:
-                c.flags |= CF_SHUT_WR_PENDING
-        pthread_mutex_unlock(&c.lock)
+                c.op.flags |= CF_SHUT_WR_PENDING
+        pthread_mutex_unlock(&c.op.lock)
 
     # ---------------------------------------------------------- socket-like
 
@@ -617,20 +1258,20 @@ cdef class Connection(Operator):
 
     def fileno(self):
         """The socket's fd, or -1 once closed."""
-        if self.op == NULL or self.op.flags & CF_FD_CLOSED:
+        if self.c == NULL or self.c.op.flags & OF_FD_CLOSED:
             return -1
-        return self.op.fd
+        return self.c.op.fd
 
     cdef object _addr(self, bint peer):
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         cdef int fd = -1
         if c == NULL:
             return None
         # dup under the lock the fd is closed under: never another socket's fd.
-        pthread_mutex_lock(&c.lock)
-        if not (c.flags & CF_FD_CLOSED) and c.fd >= 0:
-            fd = dup(c.fd)
-        pthread_mutex_unlock(&c.lock)
+        pthread_mutex_lock(&c.op.lock)
+        if not (c.op.flags & OF_FD_CLOSED) and c.op.fd >= 0:
+            fd = dup(c.op.fd)
+        pthread_mutex_unlock(&c.op.lock)
         if fd < 0:
             return None
         s = _socket.socket(fileno=fd)
@@ -658,31 +1299,33 @@ cdef class Connection(Operator):
     def __repr__(self):
         """<Connection fd=N LOCAL->REMOTE STATE> (addresses are remembered
         from the first repr or close(); '?' when the fd closed before)."""
-        cdef np_conn_t *c = self.op
+        cdef np_conn_t *c = self.c
         if c == NULL:
             return "<Connection (uninitialised)>"
-        state = ("closed" if c.flags & CF_FD_CLOSED else "closing" if c.flags & CF_CLOSING
-                 else "peer-closed" if c.flags & (CF_PEER_EOF | CF_ERROR) else "open")
-        return (f"<Connection fd={c.fd} {_fmt_addr(self.local_addr)}->"
+        state = ("closed" if c.op.flags & OF_FD_CLOSED else "closing" if c.op.flags & CF_CLOSING
+                 else "peer-closed" if c.op.flags & (CF_PEER_EOF | CF_ERROR) else "open")
+        return (f"<Connection fd={c.op.fd} {_fmt_addr(self.local_addr)}->"
                 f"{_fmt_addr(self.remote_addr)} {state}>")
 
 
 cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object runner,
                                object owner):
-    """Wrap a connected non-blocking socket fd; not yet registered."""
+    """Wrap a connected non-blocking socket fd (ownership passes to the
+    connection, even when this raises); not yet registered."""
     cdef Connection conn = Connection.__new__(Connection)
-    cdef np_conn_t *c = np_conn_new(fd, OP_CONN)
+    cdef np_conn_t *c = _conn_new(fd)
     if c == NULL:
-        close(fd)
+        os.close(fd)
         raise MemoryError()
-    conn.op = c
-    c.pyobj = <void *>conn
+    conn.c = c
+    conn.op = &c.op
+    c.op.pyobj = <void *>conn
     c.inbuf.size_hint = _chunk_hint
     c.outbuf.size_hint = _chunk_hint
     conn._poller = poller
     conn._pool = pool
     conn._owner = owner
-    c.poller = poller.p if poller is not None else NULL
+    c.op.poller = poller.p if poller is not None else NULL
     if runner == "inline":
         c.run_mode = RUN_INLINE
     elif runner == "pool" or runner is None:
@@ -712,18 +1355,20 @@ cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object ru
 
 cdef int setup_connection(Connection conn, object on_request, object read_timeout,
                           object write_timeout, object idle_timeout,
-                          size_t input_limit) except -1:
-    """Handler, timeouts and input limit of a connection not yet registered:
+                          object input_limit, object output_limit) except -1:
+    """Handler, timeouts and limits of a connection not yet registered:
     plain field stores (the register task arms the idle timer), so the
-    accept path queues no extra task per connection."""
-    cdef np_conn_t *c = conn.op
-    c.read_timeout_ns = _timeout_ns(read_timeout, "read timeout")
-    c.write_timeout_ns = _timeout_ns(write_timeout, "write timeout")
-    c.idle_timeout_ns = _timeout_ns(idle_timeout, "idle timeout")
-    c.input_limit = input_limit
+    accept path queues no extra task per connection. The values were
+    validated by the caller (EventLoop, Dialer); this converts them."""
+    cdef np_conn_t *c = conn.c
+    c.read_timeout_ns = _seconds_ns(read_timeout, "read timeout")
+    c.write_timeout_ns = _seconds_ns(write_timeout, "write timeout")
+    c.idle_timeout_ns = _seconds_ns(idle_timeout, "idle timeout")
+    c.input_limit = input_limit or 0
+    c.output_limit = output_limit or 0
     conn._on_request = on_request
     if on_request is not None:
-        c.flags |= CF_HAS_HANDLER
+        c.op.flags |= CF_HAS_HANDLER
     return 0
 
 
@@ -733,11 +1378,13 @@ cdef int register_connection(Connection conn) except -1:
 
 
 def wrap_socket_fd(int fd, Poller poller, WorkerPool pool=None, runner="pool", owner=None,
-                   on_request=None, read_timeout=None, write_timeout=None, idle_timeout=None):
+                   on_request=None, read_timeout=None, write_timeout=None, idle_timeout=None,
+                   output_limit=None):
     """Wrap a connected, non-blocking socket fd (ownership passes to the
     connection) and register it with `poller`. Used by the Dialer."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, owner)
-    setup_connection(conn, on_request, read_timeout, write_timeout, idle_timeout, 0)
+    setup_connection(conn, on_request, read_timeout, write_timeout, idle_timeout, 0,
+                     output_limit)
     conn._connected = True
     register_connection(conn)
     return conn

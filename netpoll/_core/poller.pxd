@@ -1,190 +1,186 @@
-# The poller: one thread, one epoll (kqueue) set, one wake-up fd, one timer
-# heap, and the fd operators (connections and listeners) it owns.
+# The poller and the contract of the operators it drives (Netpoll's
+# poll_default_linux.go and fd_operator.go).
 #
-# All socket I/O of a registered connection happens here without the GIL:
-# reads into the input LinkBuffer, sends from the output LinkBuffer, accepts.
-# The GIL is taken once per batch of ready events to run what needs Python
-# (inline handlers, new connections, closes). Pool handlers are queued
-# without the GIL at all.
+# An operator is anything with an fd (or none) that a poller drives: a
+# connection (connection.pyx), a listener (server.pyx), a Reactor handler or
+# a reactor poller's control block (reactor.pyx). Each kind puts the common
+# header np_op_t first in its own struct and fills in one np_op_kind_t table;
+# the poller calls the table and knows nothing else about the kind.
+#
+# Descriptor ownership (the one rule; np_op_close_fd in poller.pyx applies it):
+#   - An operator owns its fd from the moment the library accepts, connects
+#     or is handed it (the creator stores it in op.fd) until np_op_close_fd
+#     closes it. Nothing else in the library calls close() on an operator's fd.
+#   - The fd's identity (st_dev, st_ino) is recorded when it is handed over.
+#     np_op_close_fd closes the number only if it still names that file: a
+#     user who closed our fd behind our back (and whose number now names
+#     another file, or nothing) never has that other file closed by us.
+#   - A registration that may outlive our close (the user dup()ed the fd and
+#     closed our number: epoll keys registrations on the open file, and
+#     EPOLL_CTL_DEL on the closed number fails) is removed by rebuilding the
+#     poll set (np_poller_forget_zombie); only then can the operator's memory
+#     be freed, since the kernel hands back op pointers from registrations.
+#   - Operators are reference counted: the Python owner holds one; every
+#     queued task, GIL-list entry and held batch event holds one. The memory
+#     is freed by the kind's `free` when the last one goes.
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from netpoll._core.includes.system cimport (pthread_mutex_t, pthread_cond_t,
-                                            pthread_t, np_event_t)
-from netpoll._core.linkbuffer cimport np_lb_t
+from netpoll._core.includes.system cimport (pthread_mutex_t, pthread_t, np_event_t,
+                                            np_atomic_inc_int, np_atomic_dec_int)
 from netpoll._core.timer cimport np_timer_t, np_timer_heap_t
-from netpoll._core.runner cimport np_taskq_t
 
-cdef enum:
-    OP_CONN = 1
-    OP_LISTENER = 2
-    OP_WAKEUP = 3
-    OP_HANDLER = 4    # a Reactor EvHandler (or a reactor poller's control op): see reactor.pyx
-
-# Connection flags (np_conn_t.flags, changed under np_conn_t.lock).
-cdef enum:
-    CF_REGISTERED = 1 << 0    # in the poll set
-    CF_CLOSING = 1 << 1       # close started (by us or by the library)
-    CF_USER_CLOSED = 1 << 2   # close() called: reads raise ConnectionClosedError at once
-    CF_PEER_EOF = 1 << 3      # peer's FIN seen
-    CF_ERROR = 1 << 4         # socket error (reset...); conn.err has errno
-    CF_RUNNING = 1 << 5       # a process() task is queued or running
-    CF_SENDING = 1 << 6       # a thread is inside sendmsg for this connection
-    CF_WANT_WRITE = 1 << 7    # EPOLLOUT armed: the poller owns sending
-    CF_PAUSED = 1 << 8        # pause_read()
-    CF_LIMITED = 1 << 9       # input limit reached
-    CF_FD_CLOSED = 1 << 10    # the fd is closed; never touch it again
-    CF_SHUT_WR = 1 << 11      # we sent our FIN
-    CF_TEARDOWN = 1 << 12     # the poller has been asked to close the fd
-    CF_IDLE_FIRED = 1 << 13   # idle timeout expired: process() closes
-    CF_HAS_HANDLER = 1 << 14  # on_request is set: dispatch on data
-    CF_CONNECTING = 1 << 15   # on_connect still to run (first process())
-    CF_TEARDOWN_WAIT = 1 << 16  # teardown waits for a sender to finish
-    CF_SHUT_WR_PENDING = 1 << 17  # shutdown_write() once output is drained
-    CF_DRAIN_ARMED = 1 << 18  # drain_timer is scheduled (poller thread only)
-
-# Why an operator is in the GIL list (np_conn_t.gil_reasons, poller thread only).
-cdef enum:
-    GR_PROCESS = 1
-    GR_TEARDOWN = 2
-    GR_ACCEPT = 4
-    GR_HANDLER = 8    # OP_HANDLER: ready events in hready, or a reactor hook fired
-
-# How a connection's process() is run.
-cdef enum:
-    RUN_POOL = 0      # queued to the WorkerPool without the GIL
-    RUN_INLINE = 1    # called on the poller thread in the GIL phase
-    RUN_CUSTOM = 2    # handed to a user callable in the GIL phase
-
-# Timer kinds.
-cdef enum:
-    TM_IDLE = 1
-    TM_DRAIN = 2
-    TM_BACKOFF = 3
-    TM_USER = 4
-
-# Cross-thread tasks.
-cdef enum:
-    TASK_REGISTER = 1
-    TASK_TEARDOWN = 2
-    TASK_ARM_IDLE = 3
-    TASK_RESUME = 4
-    TASK_PROCESS = 5  # schedule process() (RUNNING already set by the submitter)
-    TASK_CALL = 6     # arg is an np_hook_t: call its fn on the poller thread (t = NULL)
-
-cdef struct np_task_t:
-    int kind
-    void *op
-    void *arg
-
+cdef struct np_op_t
 cdef struct np_poller_t
 
-# Extension hook for the Reactor (reactor.pyx), so that the poller needs no
-# knowledge of it: a TM_USER timer's `data` and a TASK_CALL task's `arg`
-# point to an np_hook_t (as the first member of the owner's struct); the
-# poller calls fn on its own thread without the GIL (t: the expired timer,
-# or NULL for a task).
-cdef struct np_hook_t
-ctypedef void (*np_hook_fn)(np_poller_t *p, np_hook_t *h, np_timer_t *t,
-                            int64_t now) noexcept nogil
-cdef struct np_hook_t:
-    np_hook_fn fn
+# Common operator flags (np_op_t.flags, under np_op_t.lock). Kinds use the
+# bits below OF_KIND_MAX for their own flags.
+cdef enum:
+    OF_KIND_MAX = 1 << 24
+    OF_REGISTERED = 1 << 24   # registration done (the kind's interest is in the poll set)
+    OF_FD_CLOSED = 1 << 25    # the fd was closed (or disowned): never touch the number again
 
-cdef struct np_conn_t:
-    int kind                   # OP_CONN / OP_LISTENER / OP_WAKEUP
+# Task bits (np_op_submit): coalesced per operator, handled by the kind's
+# `task` on the poller thread in this order: REGISTER, the kind's own bits,
+# TEARDOWN last.
+cdef enum:
+    T_REGISTER = 1 << 0
+    T_TEARDOWN = 1 << 1
+    T_FORCE = 1 << 2          # with T_TEARDOWN: do not wait for output to drain
+    T_ARM_IDLE = 1 << 3
+    T_RESUME = 1 << 4
+    T_PROCESS = 1 << 5        # a run of the operator's Python side is due (GIL phase)
+    T_CALL = 1 << 6           # kind-specific wake-up (the reactor's control block)
+
+# Why an operator is on the GIL list (np_op_t.gil_reasons, poller thread only).
+cdef enum:
+    GR_EVENT = 1              # Operator._on_poller_event
+    GR_TEARDOWN = 2           # Operator._on_teardown (the fd is closed)
+
+ctypedef size_t (*np_op_ready_fn)(np_poller_t *p, np_op_t *op, uint32_t ev,
+                                  int64_t now) noexcept nogil
+ctypedef void (*np_op_timer_fn)(np_poller_t *p, np_op_t *op, np_timer_t *t,
+                                int64_t now) noexcept nogil
+ctypedef void (*np_op_task_fn)(np_poller_t *p, np_op_t *op, unsigned int tasks,
+                               int64_t now) noexcept nogil
+ctypedef void (*np_op_defer_fn)(np_poller_t *p, np_op_t *op) noexcept nogil
+ctypedef void (*np_op_free_fn)(np_op_t *op) noexcept nogil
+
+# One table per operator kind. Every entry runs on the owning poller's
+# thread without the GIL, except `free` (any thread, last reference).
+cdef struct np_op_kind_t:
+    const char *name
+    np_op_ready_fn ready      # readiness from poll_wait; returns bytes read
+    np_op_timer_fn timer      # one of its timers (t.data == op) expired
+    np_op_task_fn task        # T_* bits submitted for it
+    np_op_defer_fn deferred   # queued with np_op_defer: runs before the next wait
+    np_op_free_fn free        # frees the kind's fields, then the struct
+
+cdef struct np_op_t:
+    const np_op_kind_t *kind
     int fd
-    int refcnt                 # atomic: owner object + queued tasks
-    unsigned int flags
-    uint32_t events            # mask currently in the poll set
-    int err
-    int run_mode               # RUN_POOL / RUN_INLINE / RUN_CUSTOM
-    int waiters                # threads waiting on cond
+    int refcnt                # atomic
+    unsigned int flags        # OF_* and the kind's bits (under lock)
+    uint32_t events           # mask currently in the poll set (under lock)
     pthread_mutex_t lock
-    pthread_cond_t cond        # readers waiting for bytes, flushers for drain
-    np_lb_t *inbuf
-    np_lb_t *outbuf
     np_poller_t *poller
-    np_taskq_t *pool           # RUN_POOL target
-    size_t want                # bytes a blocked reader waits for
-    size_t rx_chunk            # adaptive size of new input chunks (poller thread only)
-    size_t rx_last             # bytes of the last burst read (poller thread only)
-    size_t input_limit         # 0: none
-    uint64_t rx_seq            # bumps on every commit of new input
-    int64_t read_timeout_ns    # < 0: none
-    int64_t write_timeout_ns
-    int64_t idle_timeout_ns
-    int64_t last_active_ns
-    np_timer_t idle_timer
-    np_timer_t drain_timer
-    void *pyobj                # borrowed Python owner (Connection / Listener); NULL after its death
-    # poller-thread-only fields
-    np_conn_t *next_gil        # intrusive list: GIL phase of the current batch
-    np_conn_t *next_flush      # intrusive list: sends at the start of the next iteration
-    int gil_reasons            # GR_* bits
-    int in_flush
-    # listeners: fds accepted without the GIL, handed to Python in the GIL phase
-    int *accepted
-    int naccepted
-    int accept_errno
-    # OP_HANDLER: events seen since the last GIL phase (poller thread only)
-    uint32_t hready
+    void *pyobj               # borrowed Python owner (an Operator); NULL after its death
+    uint64_t dev              # identity of the owned fd (see the rule above)
+    uint64_t ino
+    np_op_t *all_prev         # the poller's list of operators in its poll set (p.all_lock)
+    np_op_t *all_next
+    int in_all
+    # task queue (p.qlock)
+    np_op_t *next_task
+    unsigned int task_bits
+    # poller thread only
+    np_op_t *next_gil
+    int gil_reasons
+    np_op_t *next_defer
+    int deferred
 
 cdef struct np_poller_t:
     int pfd
-    int wake_r
+    int wake_r                # wake-up channel (one eventfd, or a pipe on kqueue)
     int wake_w
     int index
-    int stop                   # atomic
-    int in_wait                # atomic: blocked in poll_wait (a wake-up is needed)
-    int wake_pending           # atomic: a wake-up byte is in flight
+    int stop                  # atomic
+    int wake_pending          # atomic: a wake-up is in flight
     pthread_t thread
     int thread_set
-    pthread_mutex_t qlock
-    np_task_t *tasks
-    size_t ntasks
-    size_t taskcap
+    pthread_mutex_t qlock     # the task list
+    np_op_t *task_head
+    np_op_t *task_tail
+    size_t ntasks             # atomic read as a hint
+    pthread_mutex_t all_lock  # the list of registered operators
+    np_op_t *all_head
     np_timer_heap_t timers
-    np_conn_t wake_op
+    np_op_t wake_op
     np_event_t *evs
-    int ev_n                   # events of the last poll_wait ...
-    int ev_i                   # ... and the next one to handle (a batch may be cut in slices)
-    int ev_held                # events from ev_i on hold a reference on their operator
-    np_conn_t *gil_head        # built without the GIL, consumed with it
-    np_conn_t *flush_head
-    uint64_t loops             # statistics
+    int ev_n                  # events of the last poll_wait ...
+    int ev_i                  # ... and the next one to handle (a batch may be cut in slices)
+    int ev_held               # events from ev_i on hold a reference on their operator
+    size_t slice_bytes        # bytes read before the GIL phase runs (0: whole batch)
+    np_op_t *gil_head         # built without the GIL, consumed with it
+    np_op_t *defer_head
+    uint64_t loops            # statistics
     uint64_t events
     uint64_t gil_batches
-    uint64_t slices            # batches cut by slice_bytes
+    uint64_t slices
+    uint64_t errors           # failures logged by the loop (epoll_wait, timer ENOMEM, ...)
+    int last_error            # errno of the last of them, for the GIL phase to log
+    int rebuild               # atomic: a registration may outlive its fd (np_op_close_fd)
 
-# ---- C API used by connection/eventloop (all without the GIL) ----
-cdef np_conn_t *np_conn_new(int fd, int kind) noexcept nogil
-cdef void np_conn_incref(np_conn_t *c) noexcept nogil
-cdef void np_conn_decref(np_conn_t *c) noexcept nogil
-cdef int np_poller_submit(np_poller_t *p, int kind, void *op, void *arg) noexcept nogil
+# ---- operator API (any thread unless noted, never needs the GIL) ----
+# Initialise the header of a zeroed struct; refcnt 1 (the creator's).
+cdef void np_op_init(np_op_t *op, const np_op_kind_t *kind, int fd) noexcept nogil
+# Record the identity of op.fd (the fd is now owned by op); -1 if fstat failed.
+cdef int np_op_own_fd(np_op_t *op) noexcept nogil
+
+cdef inline void np_op_incref(np_op_t *op) noexcept nogil:
+    np_atomic_inc_int(&op.refcnt)
+
+cdef inline void np_op_decref(np_op_t *op) noexcept nogil:
+    if np_atomic_dec_int(&op.refcnt) == 0:
+        op.kind.free(op)
+
+# Queue task bits for the operator's poller and wake it. Never fails and
+# never allocates (the operator is linked into the queue); 0, or -1 when the
+# operator has no poller.
+cdef int np_op_submit(np_op_t *op, unsigned int tasks) noexcept nogil
+# Set the poll-set interest to `want` (NP_EV_*; 0 leaves the set). Lock held.
+# 0, or errno (the interest is then unchanged).
+cdef int np_op_set_interest_locked(np_op_t *op, uint32_t want) noexcept nogil
+# The one place an owned fd is closed: leaves the poll set, closes the number
+# if it still names the file op owns, marks OF_FD_CLOSED. Lock NOT held.
+# Returns 1 if this call closed the fd, 2 if it found the number no longer
+# names op's file (the user closed it; it was left alone), 0 if already done.
+# `before_close(fd)` may run on the fd first (e.g. drain unread input), or NULL.
+cdef int np_op_close_fd(np_op_t *op, void (*before_close)(int fd) noexcept nogil) noexcept nogil
+# Poller thread: queue op for this batch's GIL phase with a GR_* reason.
+cdef void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil
+# Poller thread: run op.kind.deferred before the next poll_wait.
+cdef void np_op_defer(np_poller_t *p, np_op_t *op) noexcept nogil
+# Poller thread: an expired or re-armed timer. Returns -1 (logged) on ENOMEM.
+cdef int np_poller_timer_push(np_poller_t *p, np_timer_t *t) noexcept nogil
 cdef bint np_on_poller_thread(np_poller_t *p) noexcept nogil
-cdef void np_update_mask_locked(np_conn_t *c) noexcept nogil
-cdef void np_relieve_limit_locked(np_conn_t *c) noexcept nogil
-# sendmsg the output buffer until empty (0), EAGAIN (1) or error (-errno); the
-# caller owns sending (lock held, or CF_SENDING). *sent += bytes sent (or NULL).
-cdef int np_send_output(np_conn_t *c, uint64_t *sent) noexcept nogil
-cdef int np_send_locked(np_conn_t *c) noexcept nogil
-cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil
-cdef void np_flush_async(np_conn_t *c) noexcept nogil
+# True on any poller thread (it must never wait on another poller).
+cdef bint np_on_any_poller() noexcept nogil
+# The worker pool's hook (see poller.pyx); one per process.
+ctypedef int (*np_tick_fn)(void *arg, int64_t now) noexcept nogil
+cdef void np_poller_set_tick(np_tick_fn fn, void *arg) noexcept nogil
+# Wake p's thread from poll_wait or a direct read (any thread).
 cdef void np_poller_kick(np_poller_t *p) noexcept nogil
-cdef void np_schedule_process(np_conn_t *c) noexcept nogil   # RUNNING set by the caller
-cdef void np_pool_item(void *item) noexcept
-# Queue c for this batch's GIL phase with a GR_* reason (poller thread only).
-cdef void np_gil_list_add(np_poller_t *p, np_conn_t *c, int reason) noexcept nogil
+# A wake-up was seen by a direct read on the poller thread (np_read_direct).
+cdef void np_poller_wake_ack(np_poller_t *p) noexcept nogil
 
 
 cdef class Operator:
-    """Python owner of an np_conn_t; the poller calls back into it."""
-    cdef np_conn_t *op
+    """Python owner of an np_op_t; the poller calls back into it."""
+    cdef np_op_t *op
     cdef object __weakref__
-    # GIL phase of the owning poller: the op was queued with CF_IN_GILLIST.
+    # GIL phase of the owning poller (GR_EVENT).
     cdef int _on_poller_event(self) except -1
-    # Runs process() per the run mode; from the pool or the GIL phase.
-    cdef int _process(self) except -1
-    # The fd was closed by the poller; drop registry references.
+    # The fd was closed by the poller (GR_TEARDOWN); drop registry references.
     cdef int _on_teardown(self) except -1
 
 

@@ -1,411 +1,314 @@
-# The poller loop (Netpoll's poll_default_linux.go + fd_operator.go).
+# The poll loop (Netpoll's poll_default_linux.go). See poller.pxd for the
+# operator contract and the descriptor ownership rule.
 #
 # One iteration, all without the GIL:
-#   send what inline handlers flushed in the last batch -> epoll_wait (timeout
-#   from the timer heap) -> for each ready fd: recv into its input LinkBuffer,
-#   sendmsg from its output LinkBuffer, accept4 on listeners -> cross-thread
-#   tasks -> expired timers.
-# Connections that need Python (inline handlers, accepted fds, closes) are
-# linked into a list; the GIL is taken once for the whole list. Pool handlers
-# are queued to the worker pool without taking the GIL at all.
+#   run deferred work (sends that inline handlers flushed in the last batch)
+#   -> poll_wait (timeout from the timer heap) -> for each ready operator,
+#   its kind's `ready` (recv, send, accept...) -> queued tasks -> expired
+#   timers.
+# Operators that need Python are linked into the GIL list; the GIL is taken
+# once for the whole list (Poller._run).
 #
-# Locking: np_conn_t.lock guards flags/events/waiters; it is never held while
-# taking the GIL and never held across a blocking syscall. epoll_ctl may be
-# called from any thread under the connection lock (the kernel serialises it).
+# Locking: np_op_t.lock guards an operator's flags and poll-set mask; it is
+# never held while taking the GIL or across a blocking syscall. epoll_ctl may
+# be called from any thread under the operator's lock (the kernel serialises
+# it). p.qlock guards the task list, p.all_lock the list of operators in the
+# poll set; neither is held while taking an operator's lock.
 
 import logging
+import os
 import threading
 
-from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree, PyMem_RawRealloc
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
-    iovec, msghdr, recv, send, sendmsg, writev, shutdown, SHUT_WR, close, poll, pollfd, POLLIN,
-    MSG_DONTWAIT,
-    errno, EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED,
-    ETIMEDOUT, EBADF,
+    close, errno, EINTR, ENOENT, ENOMEM, np_event_t, NP_EV_READ, NP_POLL_MAX,
+    NP_CTL_ADD, NP_CTL_MOD, NP_CTL_DEL, NP_POLL_NEEDS_REBUILD,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
-    pthread_cond_destroy, pthread_cond_broadcast, pthread_self, pthread_equal,
-    np_cond_init_monotonic, np_event_t, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR,
-    NP_EV_RDHUP, NP_POLL_MAX, NP_MSG_NOSIGNAL,
-    np_atomic_inc_int, np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int,
-    np_atomic_load_size,
-    np_atomic_cas_int, np_atomic_xchg_int, np_atomic_load_uint, np_monotonic_ns, np_accept,
-    np_poll_create, np_poll_ctl, np_poll_wait, np_wakeup_create, np_wakeup_signal,
-    np_wakeup_drain, np_wakeup_close,
-)
-from netpoll._core.linkbuffer cimport (
-    np_lb_new, np_lb_free, np_lb_readable, np_lb_reserve, np_lb_commit,
-    np_lb_iovecs, np_lb_consume, np_lb_release,
+    pthread_self, pthread_equal,
+    np_atomic_load_int, np_atomic_store_int, np_atomic_load_size,
+    np_atomic_cas_int, np_atomic_xchg_int, np_monotonic_ns,
+    np_poll_create, np_poll_ctl, np_poll_wait, np_poll_replace, np_fd_identity,
+    np_wakeup_create, np_wakeup_signal, np_wakeup_drain, np_wakeup_close,
 )
 from netpoll._core.timer cimport (
-    np_timer_t, timer_init, timer_heap_init, timer_heap_free, timer_heap_push,
-    timer_heap_remove, timer_heap_pop_expired, timer_heap_timeout_ms,
+    np_timer_t, timer_heap_init, timer_heap_free, timer_heap_push,
+    timer_heap_pop_expired, timer_heap_timeout_ms,
 )
-from netpoll._core.runner cimport np_taskq_t, np_taskq_push, np_taskq_check_stall, WorkerPool
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t c_write "write"(int fd, const void *buf, size_t n)
-
-cdef extern from "<errno.h>" nogil:
-    int ENOTSOCK
 
 log = logging.getLogger("netpoll")
-
-# The worker pool the pollers feed; they also watch it for stalls (see runner).
-cdef np_taskq_t *g_pool = NULL
 
 # Bytes read before the GIL phase runs (and the replies are sent) even if
 # ready events remain: the bytes are then still in the core's cache when the
 # handler touches them and when send() copies them out. Measured on echo
 # 16 KiB x 256 connections: without a cut, one batch read up to 4 MiB and
 # send()'s copy (_copy_from_iter) took twice the time (see bench/README.md).
-cdef size_t slice_bytes = 256 * 1024
-
-
-def set_slice_bytes(Py_ssize_t n):
-    """Bytes a poller reads from one batch of ready connections before it
-    runs their handlers (0: the whole batch first). A tuning knob for
-    benchmarks; the default suits caches of 1 MiB and more."""
-    global slice_bytes
-    if n < 0:
-        raise ValueError("slice size must be >= 0")
-    slice_bytes = <size_t>n
-
 cdef enum:
-    READ_BUDGET = 8             # recv calls per connection per wake (fairness)
-    MAX_IOV = 64                # iovecs per sendmsg
-    ACCEPT_BATCH = 64           # fds accepted per listener per wake
-    BACKOFF_NS = 50000000       # 50 ms pause of a listener after EMFILE/ENFILE
-    DEFAULT_DRAIN_NS = 5000000000  # output drain limit at close without a write timeout
-    RECV_HINT = 4096            # minimum room offered to recv()
-    RX_CHUNK_MIN = 8192         # adaptive input chunk size: bounds
-    RX_CHUNK_MAX = 65536         # larger chunks fall outside the pool cache into mmap
-    DISCARD_MAX = 262144        # unread input dropped at close so that close() sends a FIN
+    DEFAULT_SLICE_BYTES = 262144
+
+# A hook the worker pool installs (runner.pyx): called every iteration, it
+# returns a cap on the next wait in ms (-1: none), so that queued pool work
+# is watched for stalled workers. One per process, like the pool.
+cdef np_tick_fn g_tick = NULL
+cdef void *g_tick_arg = NULL
+
+# Set on poller threads (any poller, EventLoop's or a Reactor's): a thread
+# that serves other connections must never wait on another poller.
+cdef extern from *:
+    """
+    static __thread int np__on_a_poller = 0;
+    """
+    int np__on_a_poller
+
+
+cdef void np_poller_set_tick(np_tick_fn fn, void *arg) noexcept nogil:
+    global g_tick_arg, g_tick
+    g_tick_arg = arg
+    g_tick = fn
+
+
+cdef bint np_on_any_poller() noexcept nogil:
+    return np__on_a_poller != 0
 
 # ---------------------------------------------------------------- operators
 
-cdef np_conn_t *np_conn_new(int fd, int kind) noexcept nogil:
-    cdef np_conn_t *c = <np_conn_t *>PyMem_RawMalloc(sizeof(np_conn_t))
-    if c == NULL:
-        return NULL
-    memset(c, 0, sizeof(np_conn_t))
-    c.kind = kind
-    c.fd = fd
-    c.refcnt = 1
-    c.read_timeout_ns = -1
-    c.write_timeout_ns = -1
-    c.idle_timeout_ns = -1
-    pthread_mutex_init(&c.lock, NULL)
-    np_cond_init_monotonic(&c.cond)
-    timer_init(&c.idle_timer)
-    c.idle_timer.kind = TM_IDLE
-    c.idle_timer.data = c
-    timer_init(&c.drain_timer)
-    c.drain_timer.kind = TM_DRAIN if kind == OP_CONN else TM_BACKOFF
-    c.drain_timer.data = c
-    if kind == OP_CONN:
-        c.inbuf = np_lb_new(0)
-        c.outbuf = np_lb_new(0)
-        if c.inbuf == NULL or c.outbuf == NULL:
-            np_conn_decref(c)
-            return NULL
-    elif kind == OP_LISTENER:
-        c.accepted = <int *>PyMem_RawMalloc(ACCEPT_BATCH * sizeof(int))
-        if c.accepted == NULL:
-            np_conn_decref(c)
-            return NULL
-    c.last_active_ns = np_monotonic_ns()
-    return c
+cdef void np_op_init(np_op_t *op, const np_op_kind_t *kind, int fd) noexcept nogil:
+    op.kind = kind
+    op.fd = fd
+    op.refcnt = 1
+    pthread_mutex_init(&op.lock, NULL)
 
 
-cdef void np_conn_incref(np_conn_t *c) noexcept nogil:
-    np_atomic_inc_int(&c.refcnt)
-
-
-cdef void np_conn_decref(np_conn_t *c) noexcept nogil:
-    if np_atomic_dec_int(&c.refcnt) != 0:
-        return
-    np_lb_free(c.inbuf)
-    np_lb_free(c.outbuf)
-    PyMem_RawFree(c.accepted)
-    pthread_cond_destroy(&c.cond)
-    pthread_mutex_destroy(&c.lock)
-    PyMem_RawFree(c)
+cdef int np_op_own_fd(np_op_t *op) noexcept nogil:
+    return np_fd_identity(op.fd, &op.dev, &op.ino)
 
 
 cdef bint np_on_poller_thread(np_poller_t *p) noexcept nogil:
     return p != NULL and p.thread_set and pthread_equal(p.thread, pthread_self())
 
 
-cdef void np_update_mask_locked(np_conn_t *c) noexcept nogil:
-    """Bring the poll-set registration in line with the flags (lock held)."""
-    cdef unsigned int f = c.flags
-    cdef uint32_t want = 0
-    cdef int op
-    if not (f & CF_REGISTERED) or (f & CF_FD_CLOSED) or c.poller == NULL:
-        return
-    if not (f & (CF_PEER_EOF | CF_ERROR | CF_PAUSED | CF_LIMITED | CF_CLOSING)):
-        want |= NP_EV_READ
-    if (f & CF_WANT_WRITE) and not (f & CF_ERROR):
-        want |= NP_EV_WRITE
-    if want == c.events:
-        return
+cdef void _all_link(np_poller_t *p, np_op_t *op) noexcept nogil:
+    pthread_mutex_lock(&p.all_lock)
+    if not op.in_all:
+        op.in_all = 1
+        op.all_prev = NULL
+        op.all_next = p.all_head
+        if p.all_head != NULL:
+            p.all_head.all_prev = op
+        p.all_head = op
+    pthread_mutex_unlock(&p.all_lock)
+
+
+cdef void _all_unlink(np_poller_t *p, np_op_t *op) noexcept nogil:
+    pthread_mutex_lock(&p.all_lock)
+    if op.in_all:
+        op.in_all = 0
+        if op.all_prev != NULL:
+            op.all_prev.all_next = op.all_next
+        else:
+            p.all_head = op.all_next
+        if op.all_next != NULL:
+            op.all_next.all_prev = op.all_prev
+        op.all_prev = op.all_next = NULL
+    pthread_mutex_unlock(&p.all_lock)
+
+
+cdef int np_op_set_interest_locked(np_op_t *op, uint32_t want) noexcept nogil:
+    cdef np_poller_t *p = op.poller
+    cdef int ctl
+    if want == op.events:
+        return 0
+    if p == NULL or op.fd < 0 or (op.flags & OF_FD_CLOSED):
+        return 0 if want == 0 else ENOENT
     # Out of the set when nothing is wanted: a hung-up socket would otherwise
     # report EPOLLHUP on every wait and spin the poller.
-    op = 0 if c.events == 0 else (2 if want == 0 else 1)
-    if np_poll_ctl(c.poller.pfd, op, c.fd, want, c.events, c) == 0:
-        c.events = want
-
-
-cdef int np_send_output(np_conn_t *c, uint64_t *sent) noexcept nogil:
-    """sendmsg the readable output until done (0), EAGAIN (1) or error
-    (-errno); adds the bytes sent to *sent unless it is NULL. Non-socket fds
-    (a Reactor handler on a pipe) fall back to write/writev."""
-    cdef iovec iov[MAX_IOV]
-    cdef msghdr msg
-    cdef size_t total
-    cdef ssize_t r
-    cdef int cnt
-    memset(&msg, 0, sizeof(msg))
-    while True:
-        cnt = np_lb_iovecs(c.outbuf, iov, MAX_IOV, &total)
-        if cnt == 0:
-            np_lb_release(c.outbuf)
-            return 0
-        if cnt == 1:
-            # One region (the common reply): send() skips msghdr/iovec import.
-            r = send(c.fd, iov[0].iov_base, iov[0].iov_len, NP_MSG_NOSIGNAL)
-        else:
-            msg.msg_iov = iov
-            msg.msg_iovlen = cnt
-            r = sendmsg(c.fd, &msg, NP_MSG_NOSIGNAL)
-        if r < 0 and errno == ENOTSOCK:
-            r = c_write(c.fd, iov[0].iov_base, iov[0].iov_len) if cnt == 1 \
-                else writev(c.fd, iov, cnt)
-        if r >= 0:
-            if sent != NULL:
-                sent[0] += <uint64_t>r
-            if <size_t>r == total and cnt < MAX_IOV:
-                # Everything readable was sent: done without another look.
-                # (A concurrent flusher waits for CF_SENDING and sends itself.)
-                np_lb_consume(c.outbuf, <size_t>r, True)
-                return 0
-            np_lb_consume(c.outbuf, <size_t>r, False)
-            continue
-        if errno == EINTR:
-            continue
-        if errno == EAGAIN or errno == EWOULDBLOCK:
-            return 1
-        return -errno
-
-
-cdef int np_send_locked(np_conn_t *c) noexcept nogil:
-    """Send pending output from this thread (lock held on entry and exit).
-
-    Only one thread sends at a time (CF_SENDING); what the socket does not take
-    is left to the poller with EPOLLOUT. Returns 0 all sent, 1 left pending,
-    -errno on error, -EBADF when this thread may not send now."""
-    cdef int st
-    if c.flags & (CF_SENDING | CF_FD_CLOSED | CF_ERROR):
-        return -EBADF
-    c.flags |= CF_SENDING
-    pthread_mutex_unlock(&c.lock)
-    st = np_send_output(c, NULL)
-    pthread_mutex_lock(&c.lock)
-    c.flags &= ~CF_SENDING
-    if c.idle_timeout_ns > 0:      # the clock read is only needed for idleness
-        c.last_active_ns = np_monotonic_ns()
-    if st < 0:
-        c.flags |= CF_ERROR
-        c.flags &= ~CF_WANT_WRITE
-        if c.err == 0:
-            c.err = -st
-    elif st == 1:
-        c.flags |= CF_WANT_WRITE
-    else:
-        c.flags &= ~CF_WANT_WRITE
-        if c.flags & CF_SHUT_WR_PENDING:
-            c.flags &= ~CF_SHUT_WR_PENDING
-            c.flags |= CF_SHUT_WR
-            shutdown(c.fd, SHUT_WR)
-    np_update_mask_locked(c)
-    if c.waiters:
-        pthread_cond_broadcast(&c.cond)
-    if c.flags & CF_TEARDOWN_WAIT:
-        c.flags &= ~CF_TEARDOWN_WAIT
-        np_poller_submit(c.poller, TASK_TEARDOWN, c, NULL)
-    return st
-
-
-cdef int _read_socket(np_conn_t *c, int64_t now, size_t *got) noexcept nogil:
-    """recv into the input buffer until EAGAIN or the budget; called only by
-    the thread that owns the input side (the poller, or an inline handler on
-    it). Returns 0, 1 at EOF, or errno."""
-    cdef char *p
-    cdef size_t cap, want, have, room, hint
-    cdef ssize_t r
-    cdef int budget = READ_BUDGET
-    cdef int e
-    got[0] = 0
-    if c.rx_chunk == 0:
-        c.rx_chunk = RX_CHUNK_MIN
-    # Ask for contiguous room for a burst like the last one: a request/response
-    # peer sends messages of similar size, and one that lands whole in a
-    # chunk is handed out as a view instead of being copied together.
-    hint = c.rx_last if c.rx_last < RX_CHUNK_MAX else RX_CHUNK_MAX
-    if hint < RECV_HINT:
-        hint = RECV_HINT
-    while budget > 0:
-        want = c.want - np_lb_readable(c.inbuf) if c.want > np_lb_readable(c.inbuf) else 0
-        p = np_lb_reserve(c.inbuf, want if want > hint else hint, c.rx_chunk, &cap)
-        if p == NULL:
-            return ENOMEM
-        if c.input_limit:
-            # Backpressure: read no further than the limit (or what a blocked
-            # reader waits for), so one wake-up cannot overshoot it.
-            have = np_lb_readable(c.inbuf)
-            room = c.input_limit if c.input_limit > c.want else c.want
-            room = room - have if room > have else 0
-            if room == 0:
-                np_lb_commit(c.inbuf, 0)
-                return 0
-            if room < cap:
-                cap = room
-        r = recv(c.fd, p, cap, 0)
-        if r > 0:
-            np_lb_commit(c.inbuf, <size_t>r)
-            got[0] += <size_t>r
-            if <size_t>r < cap:
-                c.rx_last = got[0]
-                # The socket is very likely drained. Shrink the chunk size
-                # slowly when reads stay small (idle memory matters).
-                if got[0] * 8 < c.rx_chunk and c.rx_chunk > RX_CHUNK_MIN:
-                    c.rx_chunk >>= 1
-                return 0
-            # recv filled the room: bigger chunks mean fewer recv() calls and
-            # messages that stay contiguous (zero-copy views).
-            if c.rx_chunk < RX_CHUNK_MAX:
-                c.rx_chunk <<= 1
-            budget -= 1
-            continue
-        e = errno
-        np_lb_commit(c.inbuf, 0)
-        if r == 0:
-            return 1
-        if e == EINTR:
-            continue
-        if e == EAGAIN or e == EWOULDBLOCK:
-            return 0
-        return e
+    ctl = NP_CTL_ADD if op.events == 0 else (NP_CTL_DEL if want == 0 else NP_CTL_MOD)
+    if np_poll_ctl(p.pfd, ctl, op.fd, want, op.events, op) < 0:
+        return errno
+    if ctl == NP_CTL_ADD:
+        _all_link(p, op)
+    elif ctl == NP_CTL_DEL:
+        _all_unlink(p, op)
+    op.events = want
     return 0
 
 
-cdef inline bint _wants_process_locked(np_conn_t *c) noexcept nogil:
-    """Set RUNNING if a process() should be scheduled now (lock held)."""
-    cdef unsigned int f = c.flags
-    if f & (CF_RUNNING | CF_CLOSING | CF_FD_CLOSED):
-        return False
-    if (f & (CF_PEER_EOF | CF_ERROR)) or ((f & CF_HAS_HANDLER) and np_lb_readable(c.inbuf) > 0):
-        c.flags |= CF_RUNNING
-        return True
-    return False
+cdef void _rebuild_poll_set(np_poller_t *p) noexcept nogil:
+    """Replace p's poll set by a fresh one holding the same interests.
 
-
-cdef int _after_read_locked(np_conn_t *c, int st, size_t got, int64_t now) noexcept nogil:
-    """Fold a read's outcome into the flags; wake readers (lock held)."""
-    if got:
-        c.rx_seq += 1
-        c.last_active_ns = now
-    if st == 1:
-        c.flags |= CF_PEER_EOF
-    elif st != 0:
-        c.flags |= CF_ERROR
-        if c.err == 0:
-            c.err = st
-    if c.input_limit and np_lb_readable(c.inbuf) >= c.input_limit \
-            and np_lb_readable(c.inbuf) >= c.want:
-        c.flags |= CF_LIMITED
-    np_update_mask_locked(c)
-    if c.waiters and (np_lb_readable(c.inbuf) >= c.want or st != 0):
-        pthread_cond_broadcast(&c.cond)
-    return 0
-
-
-cdef void np_relieve_limit_locked(np_conn_t *c) noexcept nogil:
-    """Resume reading a connection stopped by its input limit once the rule
-    that stopped it (set in _after_read_locked) no longer holds: the buffer
-    fell below the limit, the limit was lifted, or a blocked reader wants
-    more than is buffered. Lock held."""
-    cdef size_t have
-    if not (c.flags & CF_LIMITED):
+    Called when an operator's fd was closed behind our back while it was in
+    the set: its registration may live on (a dup keeps the file open) and
+    keep reporting events for an operator about to be freed, and it cannot
+    be deleted through a number that no longer names it. The new set is
+    installed at the same fd number, so concurrent epoll_ctl calls by other
+    threads (under operator locks) land in one set or the other; a second
+    pass under each operator's lock re-applies every mask to the new set."""
+    cdef int nfd, i, n = 0, cap = 0
+    cdef np_op_t *op
+    cdef np_op_t **ops = NULL
+    if not NP_POLL_NEEDS_REBUILD:
         return
-    have = np_lb_readable(c.inbuf)
-    if c.input_limit == 0 or have < c.input_limit or have < c.want:
-        c.flags &= ~CF_LIMITED
-        np_update_mask_locked(c)
+    nfd = np_poll_create()
+    if nfd < 0:
+        p.errors += 1
+        p.last_error = errno
+        return
+    pthread_mutex_lock(&p.all_lock)
+    op = p.all_head
+    while op != NULL:
+        cap += 1
+        op = op.all_next
+    ops = <np_op_t **>PyMem_RawMalloc((cap + 1) * sizeof(np_op_t *))
+    if ops != NULL:
+        op = p.all_head
+        while op != NULL:
+            np_op_incref(op)
+            ops[n] = op
+            n += 1
+            op = op.all_next
+    pthread_mutex_unlock(&p.all_lock)
+    if ops == NULL:
+        close(nfd)
+        p.errors += 1
+        p.last_error = ENOMEM
+        return
+    np_poll_ctl(nfd, NP_CTL_ADD, p.wake_r, NP_EV_READ, 0, &p.wake_op)
+    for i in range(n):
+        op = ops[i]
+        pthread_mutex_lock(&op.lock)
+        if op.events and op.fd >= 0 and not (op.flags & OF_FD_CLOSED):
+            np_poll_ctl(nfd, NP_CTL_ADD, op.fd, op.events, 0, op)
+        pthread_mutex_unlock(&op.lock)
+    if np_poll_replace(nfd, p.pfd) < 0:
+        p.errors += 1
+        p.last_error = errno
+    for i in range(n):
+        op = ops[i]
+        pthread_mutex_lock(&op.lock)
+        if op.events and op.fd >= 0 and not (op.flags & OF_FD_CLOSED):
+            if np_poll_ctl(p.pfd, NP_CTL_MOD, op.fd, op.events, op.events, op) < 0 \
+                    and errno == ENOENT:
+                np_poll_ctl(p.pfd, NP_CTL_ADD, op.fd, op.events, 0, op)
+        pthread_mutex_unlock(&op.lock)
+        np_op_decref(op)
+    PyMem_RawFree(ops)
 
 
-cdef int np_read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
-    """Blocking read on the poller thread itself (an inline handler waiting for
-    c.want bytes): poll() this one socket, stalling the poller's other
-    connections until the bytes arrive, the peer leaves, the connection is
-    closed from another thread (the wake-up fd is polled too) or `deadline`
-    passes. Returns 0 when c.want bytes are readable, 1 peer closed or socket
-    error (recorded in c.err), 2 closed by us, 3 timeout."""
-    cdef pollfd pfds[2]
-    cdef np_poller_t *p = c.poller
-    cdef int64_t now
-    cdef int ms, st, r
-    cdef size_t got
-    pthread_mutex_lock(&c.lock)
-    # Send what this handler flushed so far: the peer may wait for it.
-    if np_lb_readable(c.outbuf) and not (c.flags & (CF_SENDING | CF_WANT_WRITE)):
-        np_send_locked(c)
-    while np_lb_readable(c.inbuf) < c.want:
-        if c.flags & CF_USER_CLOSED:
-            pthread_mutex_unlock(&c.lock)
-            return 2
-        if c.flags & (CF_PEER_EOF | CF_ERROR | CF_FD_CLOSED | CF_CLOSING):
-            pthread_mutex_unlock(&c.lock)
-            return 1
-        pthread_mutex_unlock(&c.lock)
-        now = np_monotonic_ns()
-        if deadline >= 0:
-            if now >= deadline:
-                return 3
-            ms = <int>((deadline - now + 999999) // 1000000)
+cdef int np_op_close_fd(np_op_t *op, void (*before_close)(int fd) noexcept nogil) noexcept nogil:
+    cdef int fd
+    cdef uint64_t dev = 0, ino = 0
+    cdef bint ours, zombie = False
+    cdef np_poller_t *p
+    pthread_mutex_lock(&op.lock)
+    if op.flags & OF_FD_CLOSED:
+        pthread_mutex_unlock(&op.lock)
+        return 0
+    fd = op.fd
+    p = op.poller
+    op.fd = -1
+    op.flags |= OF_FD_CLOSED
+    ours = fd >= 0 and np_fd_identity(fd, &dev, &ino) == 0 and dev == op.dev and ino == op.ino
+    if op.events != 0:
+        if not ours or np_poll_ctl(p.pfd, NP_CTL_DEL, fd, 0, op.events, op) < 0:
+            zombie = True       # the registration may outlive the number
+        op.events = 0
+        if p != NULL:
+            _all_unlink(p, op)
+    pthread_mutex_unlock(&op.lock)
+    if ours:
+        if before_close != NULL:
+            before_close(fd)
+        close(fd)
+    if zombie and p != NULL:
+        if np_on_poller_thread(p):
+            _rebuild_poll_set(p)
         else:
-            ms = -1
-        pfds[0].fd = c.fd
-        pfds[0].events = POLLIN
-        pfds[0].revents = 0
-        pfds[1].fd = p.wake_r
-        pfds[1].events = POLLIN
-        pfds[1].revents = 0
-        r = poll(pfds, 2, ms)
-        if r < 0 and errno != EINTR:
-            pthread_mutex_lock(&c.lock)
-            _after_read_locked(c, errno, 0, np_monotonic_ns())
-            pthread_mutex_unlock(&c.lock)
-            return 1
-        if pfds[1].revents:
-            # Another thread wants this poller (a close, a task): the tasks
-            # stay queued for the loop, which checks them after this handler.
-            _wake_ack(p)
-        if pfds[0].revents:
-            st = _read_socket(c, np_monotonic_ns(), &got)
-            pthread_mutex_lock(&c.lock)
-            _after_read_locked(c, st, got, np_monotonic_ns())
+            # Only the poller may swap its set (it does before its next wait).
+            np_atomic_store_int(&p.rebuild, 1)
+            np_poller_kick(p)
+    # Not ours any more: the user closed it (the number may name another
+    # file now), so the number was left alone; the owner logs it.
+    return 1 if ours or fd < 0 else 2
+
+
+cdef void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil:
+    if op.gil_reasons == 0:
+        np_op_incref(op)
+        op.next_gil = p.gil_head
+        p.gil_head = op
+    op.gil_reasons |= reason
+
+
+cdef void np_op_defer(np_poller_t *p, np_op_t *op) noexcept nogil:
+    if op.deferred:
+        return
+    op.deferred = 1
+    np_op_incref(op)
+    op.next_defer = p.defer_head
+    p.defer_head = op
+
+
+cdef int np_poller_timer_push(np_poller_t *p, np_timer_t *t) noexcept nogil:
+    if timer_heap_push(&p.timers, t) == 0:
+        return 0
+    p.errors += 1
+    p.last_error = errno
+    return -1
+
+# ---------------------------------------------------------------- tasks
+
+cdef int np_op_submit(np_op_t *op, unsigned int tasks) noexcept nogil:
+    cdef np_poller_t *p = op.poller
+    if p == NULL:
+        return -1
+    pthread_mutex_lock(&p.qlock)
+    if op.task_bits == 0:
+        np_op_incref(op)
+        op.next_task = NULL
+        if p.task_tail != NULL:
+            p.task_tail.next_task = op
         else:
-            pthread_mutex_lock(&c.lock)
-    pthread_mutex_unlock(&c.lock)
+            p.task_head = op
+        p.task_tail = op
+        p.ntasks += 1
+    op.task_bits |= tasks
+    pthread_mutex_unlock(&p.qlock)
+    if not np_on_poller_thread(p) and np_atomic_cas_int(&p.wake_pending, 0, 1):
+        np_wakeup_signal(p.wake_w)
     return 0
 
 
-cdef inline void _wake_ack(np_poller_t *p) noexcept nogil:
+cdef void _run_tasks(np_poller_t *p, int64_t now) noexcept nogil:
+    """Run the queued tasks. The list is taken whole; each operator's bits
+    are taken under the lock as it is reached, so bits submitted meanwhile
+    for an operator still in the taken list are run with it, and an
+    operator submitted again after that is queued anew."""
+    cdef np_op_t *op
+    cdef np_op_t *nxt
+    cdef unsigned int bits
+    pthread_mutex_lock(&p.qlock)
+    op = p.task_head
+    p.task_head = p.task_tail = NULL
+    p.ntasks = 0
+    pthread_mutex_unlock(&p.qlock)
+    while op != NULL:
+        pthread_mutex_lock(&p.qlock)
+        nxt = op.next_task
+        op.next_task = NULL
+        bits = op.task_bits
+        op.task_bits = 0
+        pthread_mutex_unlock(&p.qlock)
+        if bits and op.kind.task != NULL:
+            op.kind.task(p, op, bits, now)
+        np_op_decref(op)
+        op = nxt
+
+# ------------------------------------------------------------- the loop
+
+cdef void np_poller_wake_ack(np_poller_t *p) noexcept nogil:
     """Consume a wake-up. Drain first, then clear the flag: a signal sent after
     the clear is never drained unseen (it wakes the next wait), and a sender
     that still saw the flag set skipped its signal only while a wake-up was
@@ -416,378 +319,8 @@ cdef inline void _wake_ack(np_poller_t *p) noexcept nogil:
 
 
 cdef void np_poller_kick(np_poller_t *p) noexcept nogil:
-    """Wake p's thread from epoll_wait or a direct read (any thread)."""
     if p != NULL and not np_on_poller_thread(p) and np_atomic_cas_int(&p.wake_pending, 0, 1):
         np_wakeup_signal(p.wake_w)
-
-
-cdef void np_flush_async(np_conn_t *c) noexcept nogil:
-    """An inline handler flushed: send at the start of the poller's next
-    iteration, batched with every other connection of this batch."""
-    cdef np_poller_t *p = c.poller
-    if c.in_flush:
-        return
-    c.in_flush = 1
-    np_conn_incref(c)
-    c.next_flush = p.flush_head
-    p.flush_head = c
-
-
-cdef void _flush_batch(np_poller_t *p) noexcept nogil:
-    cdef np_conn_t *c = p.flush_head
-    cdef np_conn_t *nxt
-    cdef int st
-    p.flush_head = NULL
-    while c != NULL:
-        nxt = c.next_flush
-        c.in_flush = 0
-        pthread_mutex_lock(&c.lock)
-        if not (c.flags & (CF_SENDING | CF_WANT_WRITE | CF_FD_CLOSED | CF_ERROR)):
-            st = np_send_locked(c)
-            if st == 1 and c.write_timeout_ns >= 0 and not (c.flags & CF_DRAIN_ARMED):
-                # The peer does not read fast enough: bound the wait.
-                c.flags |= CF_DRAIN_ARMED
-                c.drain_timer.when = np_monotonic_ns() + c.write_timeout_ns
-                timer_heap_push(&p.timers, &c.drain_timer)
-            elif st < 0 and st != -EBADF:
-                if _wants_process_locked(c):
-                    pthread_mutex_unlock(&c.lock)
-                    _schedule(p, c)
-                    pthread_mutex_lock(&c.lock)
-        pthread_mutex_unlock(&c.lock)
-        np_conn_decref(c)
-        c = nxt
-
-# ------------------------------------------------------------ scheduling
-
-cdef inline void _gil_list_add(np_poller_t *p, np_conn_t *c, int reason) noexcept nogil:
-    if c.gil_reasons == 0:
-        np_conn_incref(c)
-        c.next_gil = p.gil_head
-        p.gil_head = c
-    c.gil_reasons |= reason
-
-
-cdef void np_gil_list_add(np_poller_t *p, np_conn_t *c, int reason) noexcept nogil:
-    _gil_list_add(p, c, reason)
-
-
-cdef void _schedule(np_poller_t *p, np_conn_t *c) noexcept nogil:
-    """Run process() for c (RUNNING already set): on the pool without the GIL,
-    or in this batch's GIL phase."""
-    if c.run_mode == RUN_POOL and c.pool != NULL:
-        np_conn_incref(c)
-        if np_taskq_push(c.pool, c) == 0:
-            return
-        np_conn_decref(c)
-    _gil_list_add(p, c, GR_PROCESS)
-
-
-cdef void np_schedule_process(np_conn_t *c) noexcept nogil:
-    """From any thread: run process() for c, whose RUNNING flag the caller set."""
-    if c.run_mode == RUN_POOL and c.pool != NULL:
-        np_conn_incref(c)
-        if np_taskq_push(c.pool, c) == 0:
-            return
-        np_conn_decref(c)
-    if c.poller != NULL:
-        np_poller_submit(c.poller, TASK_PROCESS, c, NULL)
-
-
-cdef void np_pool_item(void *item) noexcept:
-    """Worker-pool entry point (GIL held): run process() of the connection."""
-    cdef np_conn_t *c = <np_conn_t *>item
-    cdef Operator op
-    if c.pyobj != NULL:
-        op = <Operator><PyObject *>c.pyobj
-        try:
-            op._process()
-        except BaseException:
-            log.exception("netpoll: unexpected error in a connection task")
-    np_conn_decref(c)
-
-# -------------------------------------------------------------- event work
-
-cdef size_t _on_readable(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
-    """Read what c has (within the budget); returns the bytes read."""
-    cdef int st
-    cdef size_t got
-    cdef bint sched
-    # CF_FD_CLOSED is only set on this thread; the other bits are hints here
-    # and re-checked under the lock below, so a relaxed read is enough.
-    if np_atomic_load_uint(&c.flags) & (CF_FD_CLOSED | CF_PEER_EOF | CF_ERROR | CF_PAUSED
-                                        | CF_LIMITED | CF_CLOSING):
-        pthread_mutex_lock(&c.lock)
-        # Reading is off; a hang-up is reported regardless of the mask. Leave
-        # the set unless output is pending; resume/teardown re-register.
-        if not (c.flags & (CF_WANT_WRITE | CF_FD_CLOSED)) and c.events != 0:
-            if np_poll_ctl(p.pfd, 2, c.fd, 0, c.events, c) == 0:
-                c.events = 0
-        pthread_mutex_unlock(&c.lock)
-        return 0
-    st = _read_socket(c, now, &got)
-    pthread_mutex_lock(&c.lock)
-    _after_read_locked(c, st, got, now)
-    sched = _wants_process_locked(c)
-    pthread_mutex_unlock(&c.lock)
-    if sched:
-        _schedule(p, c)
-    return got
-
-
-cdef void _on_writable(np_poller_t *p, np_conn_t *c) noexcept nogil:
-    cdef int st
-    cdef bint sched = False
-    cdef bint finish = False
-    pthread_mutex_lock(&c.lock)
-    if c.flags & (CF_SENDING | CF_FD_CLOSED):
-        pthread_mutex_unlock(&c.lock)
-        return
-    st = np_send_locked(c)
-    if st == 0:
-        if c.flags & CF_DRAIN_ARMED:
-            c.flags &= ~CF_DRAIN_ARMED
-            timer_heap_remove(&p.timers, &c.drain_timer)
-        finish = (c.flags & CF_TEARDOWN) != 0
-    elif st < 0 and st != -EBADF:
-        finish = (c.flags & CF_TEARDOWN) != 0
-        sched = _wants_process_locked(c)
-    pthread_mutex_unlock(&c.lock)
-    if finish:
-        _teardown(p, c, True)
-    elif sched:
-        _schedule(p, c)
-
-
-cdef void _on_accept(np_poller_t *p, np_conn_t *l, int64_t now) noexcept nogil:
-    cdef int fd, e
-    while l.naccepted < ACCEPT_BATCH:
-        fd = np_accept(l.fd)
-        if fd >= 0:
-            l.accepted[l.naccepted] = fd
-            l.naccepted += 1
-            continue
-        e = errno
-        if e == EINTR or e == ECONNABORTED:
-            continue
-        if e == EAGAIN or e == EWOULDBLOCK:
-            break
-        if e == EMFILE or e == ENFILE or e == ENOBUFS or e == ENOMEM:
-            # Out of descriptors: stop watching the listener for a while
-            # instead of spinning on a readiness we cannot serve.
-            l.accept_errno = e
-            pthread_mutex_lock(&l.lock)
-            if l.events != 0 and np_poll_ctl(p.pfd, 2, l.fd, 0, l.events, l) == 0:
-                l.events = 0
-            pthread_mutex_unlock(&l.lock)
-            l.drain_timer.when = now + BACKOFF_NS
-            timer_heap_push(&p.timers, &l.drain_timer)
-            break
-        l.accept_errno = e
-        break
-    if l.naccepted or l.accept_errno:
-        _gil_list_add(p, l, GR_ACCEPT)
-
-
-cdef void _discard_input(int fd) noexcept nogil:
-    """Read and drop what the peer sent that nobody will read (bounded).
-
-    close() on a socket with unread input sends a RST instead of a FIN: the
-    peer sees a reset rather than a clean close, and may drop the reply we
-    just sent before reading it. Past DISCARD_MAX (a peer still flooding)
-    the RST is what it gets."""
-    cdef char junk[16384]
-    cdef size_t total = 0
-    cdef ssize_t r
-    while total < DISCARD_MAX:
-        r = recv(fd, junk, sizeof(junk), MSG_DONTWAIT)
-        if r <= 0:
-            if r < 0 and errno == EINTR:
-                continue
-            return
-        total += <size_t>r
-
-
-cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
-    """Close c's fd on its poller once pending output is sent (or the drain
-    limit passes), then let Python drop its references."""
-    cdef int fd
-    pthread_mutex_lock(&c.lock)
-    if c.flags & CF_FD_CLOSED:
-        pthread_mutex_unlock(&c.lock)
-        return
-    c.flags |= CF_TEARDOWN
-    if c.flags & CF_SENDING:
-        c.flags |= CF_TEARDOWN_WAIT       # the sender resubmits when done
-        pthread_mutex_unlock(&c.lock)
-        return
-    if c.kind == OP_CONN and not forced and not (c.flags & CF_ERROR) \
-            and np_lb_readable(c.outbuf) > 0:
-        # Deliver what was flushed before the close, bounded in time.
-        if not (c.flags & CF_DRAIN_ARMED):
-            c.flags |= CF_DRAIN_ARMED
-            c.drain_timer.when = np_monotonic_ns() + (
-                c.write_timeout_ns if c.write_timeout_ns >= 0 else DEFAULT_DRAIN_NS)
-            timer_heap_push(&p.timers, &c.drain_timer)
-        c.flags |= CF_WANT_WRITE
-        np_update_mask_locked(c)
-        pthread_mutex_unlock(&c.lock)
-        return
-    if c.events != 0:
-        np_poll_ctl(p.pfd, 2, c.fd, 0, c.events, c)
-        c.events = 0
-    fd = c.fd
-    c.fd = -1
-    c.flags |= CF_FD_CLOSED
-    c.flags &= ~CF_WANT_WRITE
-    if c.waiters:
-        pthread_cond_broadcast(&c.cond)
-    pthread_mutex_unlock(&c.lock)
-    timer_heap_remove(&p.timers, &c.idle_timer)
-    timer_heap_remove(&p.timers, &c.drain_timer)
-    if fd >= 0:
-        if c.kind == OP_CONN and not (c.flags & CF_ERROR):
-            _discard_input(fd)
-        close(fd)
-    _gil_list_add(p, c, GR_TEARDOWN)
-
-
-cdef void _arm_idle(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
-    timer_heap_remove(&p.timers, &c.idle_timer)
-    c.last_active_ns = now         # sends do not stamp activity without a timeout
-    if c.idle_timeout_ns > 0 and not (c.flags & (CF_CLOSING | CF_FD_CLOSED)):
-        c.idle_timer.when = c.last_active_ns + c.idle_timeout_ns
-        if c.idle_timer.when < now:
-            c.idle_timer.when = now
-        timer_heap_push(&p.timers, &c.idle_timer)
-
-
-cdef void _on_timer(np_poller_t *p, np_timer_t *t, int64_t now) noexcept nogil:
-    cdef np_conn_t *c = <np_conn_t *>t.data
-    cdef bint sched = False
-    if t.kind == TM_USER:
-        (<np_hook_t *>t.data).fn(p, <np_hook_t *>t.data, t, now)
-        return
-    if t.kind == TM_BACKOFF:
-        pthread_mutex_lock(&c.lock)
-        if not (c.flags & (CF_FD_CLOSED | CF_CLOSING)) and c.events == 0:
-            if np_poll_ctl(p.pfd, 0, c.fd, NP_EV_READ, 0, c) == 0:
-                c.events = NP_EV_READ
-        pthread_mutex_unlock(&c.lock)
-        return
-    if t.kind == TM_IDLE:
-        pthread_mutex_lock(&c.lock)
-        if c.flags & (CF_CLOSING | CF_FD_CLOSED):
-            pthread_mutex_unlock(&c.lock)
-            return
-        if c.flags & CF_RUNNING or c.last_active_ns + c.idle_timeout_ns > now:
-            # Busy, or traffic since the timer was set: look again later.
-            c.idle_timer.when = c.last_active_ns + c.idle_timeout_ns
-            if c.idle_timer.when <= now:
-                c.idle_timer.when = now + c.idle_timeout_ns
-            timer_heap_push(&p.timers, &c.idle_timer)
-        else:
-            c.flags |= CF_IDLE_FIRED | CF_RUNNING
-            sched = True
-        pthread_mutex_unlock(&c.lock)
-        if sched:
-            _schedule(p, c)
-        return
-    if t.kind == TM_DRAIN:
-        pthread_mutex_lock(&c.lock)
-        c.flags &= ~CF_DRAIN_ARMED
-        if c.flags & CF_TEARDOWN:
-            pthread_mutex_unlock(&c.lock)
-            _teardown(p, c, True)       # the drain limit passed: drop the rest
-            return
-        if np_lb_readable(c.outbuf) > 0:
-            # An inline flush could not complete within the write timeout.
-            c.flags |= CF_ERROR
-            c.err = ETIMEDOUT
-            np_update_mask_locked(c)
-            sched = _wants_process_locked(c)
-        pthread_mutex_unlock(&c.lock)
-        if sched:
-            _schedule(p, c)
-
-
-cdef int np_poller_submit(np_poller_t *p, int kind, void *op, void *arg) noexcept nogil:
-    """Queue a task for p's thread and wake it. Holds a reference to op."""
-    cdef np_task_t *grown
-    cdef size_t cap
-    if p == NULL:
-        return -1
-    pthread_mutex_lock(&p.qlock)
-    if p.ntasks == p.taskcap:
-        cap = p.taskcap * 2 if p.taskcap else 64
-        grown = <np_task_t *>PyMem_RawRealloc(p.tasks, cap * sizeof(np_task_t))
-        if grown == NULL:
-            pthread_mutex_unlock(&p.qlock)
-            return -1
-        p.tasks = grown
-        p.taskcap = cap
-    if op != NULL:
-        np_conn_incref(<np_conn_t *>op)
-    p.tasks[p.ntasks].kind = kind
-    p.tasks[p.ntasks].op = op
-    p.tasks[p.ntasks].arg = arg
-    p.ntasks += 1
-    pthread_mutex_unlock(&p.qlock)
-    if not np_on_poller_thread(p) and np_atomic_cas_int(&p.wake_pending, 0, 1):
-        np_wakeup_signal(p.wake_w)
-    return 0
-
-
-cdef void _run_tasks(np_poller_t *p, int64_t now) noexcept nogil:
-    cdef np_task_t *tasks
-    cdef size_t n, i
-    cdef np_conn_t *c
-    cdef bint sched
-    pthread_mutex_lock(&p.qlock)
-    tasks = p.tasks
-    n = p.ntasks
-    p.tasks = NULL
-    p.ntasks = 0
-    p.taskcap = 0
-    pthread_mutex_unlock(&p.qlock)
-    for i in range(n):
-        c = <np_conn_t *>tasks[i].op
-        if tasks[i].kind == TASK_REGISTER:
-            pthread_mutex_lock(&c.lock)
-            if not (c.flags & (CF_FD_CLOSED | CF_REGISTERED)):
-                c.flags |= CF_REGISTERED
-                if c.kind == OP_LISTENER:
-                    if np_poll_ctl(p.pfd, 0, c.fd, NP_EV_READ, 0, c) == 0:
-                        c.events = NP_EV_READ
-                else:
-                    np_update_mask_locked(c)
-                    # Input that arrived before registration (or a client's
-                    # pre-read) would otherwise wait for more bytes.
-                    sched = _wants_process_locked(c)
-                    if sched:
-                        pthread_mutex_unlock(&c.lock)
-                        _schedule(p, c)
-                        pthread_mutex_lock(&c.lock)
-            pthread_mutex_unlock(&c.lock)
-            _arm_idle(p, c, now)
-        elif tasks[i].kind == TASK_TEARDOWN:
-            _teardown(p, c, tasks[i].arg != NULL)
-        elif tasks[i].kind == TASK_ARM_IDLE:
-            _arm_idle(p, c, now)
-        elif tasks[i].kind == TASK_RESUME:
-            pthread_mutex_lock(&c.lock)
-            np_update_mask_locked(c)
-            sched = _wants_process_locked(c)
-            pthread_mutex_unlock(&c.lock)
-            if sched:
-                _schedule(p, c)
-        elif tasks[i].kind == TASK_PROCESS:
-            _gil_list_add(p, c, GR_PROCESS)
-        elif tasks[i].kind == TASK_CALL:
-            (<np_hook_t *>tasks[i].arg).fn(p, <np_hook_t *>tasks[i].arg, NULL, now)
-        if c != NULL:
-            np_conn_decref(c)
-    PyMem_RawFree(tasks)
 
 
 cdef void _release_held(np_poller_t *p) noexcept nogil:
@@ -795,46 +328,39 @@ cdef void _release_held(np_poller_t *p) noexcept nogil:
     cdef int i
     if p.ev_held:
         for i in range(p.ev_i, p.ev_n):
-            np_conn_decref(<np_conn_t *>p.evs[i].ptr)
+            if <np_op_t *>p.evs[i].ptr != &p.wake_op:
+                np_op_decref(<np_op_t *>p.evs[i].ptr)
     p.ev_held = 0
     p.ev_i = p.ev_n = 0
 
 
-cdef inline void _dispatch(np_poller_t *p, np_conn_t *c, uint32_t ev, int64_t now,
-                           size_t *nread) noexcept nogil:
-    if c.kind == OP_CONN:
-        if ev & NP_EV_WRITE:
-            _on_writable(p, c)
-        if ev & (NP_EV_READ | NP_EV_HUP | NP_EV_ERR | NP_EV_RDHUP):
-            nread[0] += _on_readable(p, c, now)
-    elif c.kind == OP_LISTENER:
-        if not (np_atomic_load_uint(&c.flags) & CF_FD_CLOSED):
-            _on_accept(p, c, now)
-    elif c.kind == OP_HANDLER:
-        # Reactor handler: record what is ready, its callbacks run in the
-        # GIL phase (reads happen there, in on_read, as in goev).
-        if not (np_atomic_load_uint(&c.flags) & CF_FD_CLOSED):
-            c.hready |= ev
-            _gil_list_add(p, c, GR_HANDLER)
-    else:
-        _wake_ack(p)
+cdef void _run_deferred(np_poller_t *p) noexcept nogil:
+    cdef np_op_t *op = p.defer_head
+    cdef np_op_t *nxt
+    p.defer_head = NULL
+    while op != NULL:
+        nxt = op.next_defer
+        op.deferred = 0
+        op.kind.deferred(p, op)
+        np_op_decref(op)
+        op = nxt
 
 
 cdef int _poll_once(np_poller_t *p) noexcept nogil:
     """One iteration without the GIL. Returns -1 when the poller must stop.
 
-    A batch of ready events is cut into slices of about slice_bytes read: the
-    GIL phase runs after each slice, and the rest of the batch is handled in
-    the next iteration without a new poll_wait. Operators of the rest hold a
-    reference meanwhile (the GIL phase may tear them down; a closed fd is
-    skipped, its number may already be reused)."""
-    cdef int n, i, timeout
+    A batch of ready events is cut into slices of about p.slice_bytes read:
+    the GIL phase runs after each slice, and the rest of the batch is handled
+    in the next iteration without a new poll_wait. Operators of the rest hold
+    a reference meanwhile (the GIL phase may tear them down; their kinds skip
+    a closed fd, whose number may already be reused)."""
+    cdef int n, i, timeout, cap
     cdef int64_t now
-    cdef np_conn_t *c
+    cdef np_op_t *op
     cdef np_timer_t *t
     cdef size_t nread = 0
-    if p.flush_head != NULL:
-        _flush_batch(p)
+    if p.defer_head != NULL:
+        _run_deferred(p)
     if p.ev_i < p.ev_n:
         if np_atomic_load_int(&p.stop):
             _release_held(p)
@@ -843,16 +369,24 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
     else:
         now = np_monotonic_ns()
         timeout = timer_heap_timeout_ms(&p.timers, now, -1)
-        if np_atomic_load_size(&p.ntasks) or p.gil_head != NULL:
-            timeout = 0       # tasks, or GIL work scheduled by _flush_batch above
-        elif g_pool != NULL and g_pool.count > 0 and (timeout < 0 or timeout > 1):
-            timeout = 1       # watch queued pool work for stalled workers
+        if np_atomic_load_size(&p.ntasks) or p.gil_head != NULL or p.last_error:
+            timeout = 0       # tasks, GIL work, or an error to log
+        elif g_tick != NULL:
+            cap = g_tick(g_tick_arg, now)
+            if cap >= 0 and (timeout < 0 or timeout > cap):
+                timeout = cap
+        if np_atomic_load_int(&p.rebuild):
+            np_atomic_store_int(&p.rebuild, 0)
+            _rebuild_poll_set(p)
         n = np_poll_wait(p.pfd, p.evs, NP_POLL_MAX, timeout)
         if np_atomic_load_int(&p.stop):
             return -1
         if n < 0:
             if errno != EINTR:
-                return -1
+                # Logged in the GIL phase; a persistent failure (EBADF: the
+                # poll set was closed under us) must not spin silently.
+                p.errors += 1
+                p.last_error = errno
             n = 0
         p.ev_n = n
         p.ev_i = 0
@@ -863,43 +397,44 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
     while p.ev_i < p.ev_n:
         i = p.ev_i
         p.ev_i += 1
-        c = <np_conn_t *>p.evs[i].ptr
-        _dispatch(p, c, p.evs[i].events, now, &nread)
+        op = <np_op_t *>p.evs[i].ptr
+        if op == &p.wake_op:
+            np_poller_wake_ack(p)
+        else:
+            nread += op.kind.ready(p, op, p.evs[i].events, now)
         if p.ev_held:
-            np_conn_decref(c)
-        elif slice_bytes and nread >= slice_bytes and p.gil_head != NULL \
+            if op != &p.wake_op:
+                np_op_decref(op)
+        elif p.slice_bytes and nread >= p.slice_bytes and p.gil_head != NULL \
                 and p.ev_i < p.ev_n:
             for i in range(p.ev_i, p.ev_n):
-                np_conn_incref(<np_conn_t *>p.evs[i].ptr)
+                if <np_op_t *>p.evs[i].ptr != &p.wake_op:
+                    np_op_incref(<np_op_t *>p.evs[i].ptr)
             p.ev_held = 1
             p.slices += 1
-        if p.ev_held and nread >= slice_bytes and p.gil_head != NULL:
+        if p.ev_held and nread >= p.slice_bytes and p.gil_head != NULL:
             break
     if p.ev_i >= p.ev_n:
         p.ev_i = p.ev_n = 0
         p.ev_held = 0
     if np_atomic_load_size(&p.ntasks):
         _run_tasks(p, now)
-    if g_pool != NULL:
-        np_taskq_check_stall(g_pool, now)
     while True:
         t = timer_heap_pop_expired(&p.timers, now)
         if t == NULL:
             break
-        _on_timer(p, t, now)
+        op = <np_op_t *>t.data
+        op.kind.timer(p, op, t, now)
     return n
 
 
 cdef class Operator:
-    """Base of the Python objects that own an fd operator (np_conn_t)."""
+    """Base of the Python objects that own an operator (np_op_t)."""
 
     def __cinit__(self):
         self.op = NULL
 
     cdef int _on_poller_event(self) except -1:
-        return 0
-
-    cdef int _process(self) except -1:
         return 0
 
     cdef int _on_teardown(self) except -1:
@@ -922,8 +457,11 @@ cdef class Poller:
         self.p.pfd = -1
         self.p.wake_r = -1
         self.p.wake_w = -1
+        self.p.slice_bytes = DEFAULT_SLICE_BYTES
         pthread_mutex_init(&self.p.qlock, NULL)
-        timer_heap_init(&self.p.timers)
+        pthread_mutex_init(&self.p.all_lock, NULL)
+        if timer_heap_init(&self.p.timers) < 0:
+            raise MemoryError()
         self.p.evs = <np_event_t *>PyMem_RawMalloc(NP_POLL_MAX * sizeof(np_event_t))
         if self.p.evs == NULL:
             raise MemoryError()
@@ -932,10 +470,10 @@ cdef class Poller:
             raise OSError(errno, "netpoll: cannot create the poll set")
         if np_wakeup_create(&self.p.wake_r, &self.p.wake_w) < 0:
             raise OSError(errno, "netpoll: cannot create the wake-up fd")
-        self.p.wake_op.kind = OP_WAKEUP
         self.p.wake_op.fd = self.p.wake_r
         self.p.wake_op.refcnt = 1
-        if np_poll_ctl(self.p.pfd, 0, self.p.wake_r, NP_EV_READ, 0, &self.p.wake_op) < 0:
+        if np_poll_ctl(self.p.pfd, NP_CTL_ADD, self.p.wake_r, NP_EV_READ, 0,
+                       &self.p.wake_op) < 0:
             raise OSError(errno, "netpoll: cannot watch the wake-up fd")
         self.index = index
         self.p.index = index
@@ -951,17 +489,21 @@ cdef class Poller:
         self.thread.start()
 
     def _run(self):
+        global np__on_a_poller
         cdef np_poller_t *p = self.p
         cdef int r = 0
         p.thread = pthread_self()
         p.thread_set = 1
+        np__on_a_poller = 1
         try:
             while True:
                 with nogil:
                     while True:
                         r = _poll_once(p)
-                        if r < 0 or p.gil_head != NULL:
+                        if r < 0 or p.gil_head != NULL or p.last_error:
                             break
+                if p.last_error:
+                    self._log_error()
                 if p.gil_head != NULL:
                     self._gil_phase()
                 if r < 0:
@@ -971,50 +513,58 @@ cdef class Poller:
             # must not pass for the poller (np_on_poller_thread).
             p.thread_set = 0
 
+    def _log_error(self):
+        cdef np_poller_t *p = self.p
+        cdef int e = p.last_error
+        p.last_error = 0
+        log.error("netpoll: poller %d: %s (%d errors so far)", self.index,
+                  os.strerror(e), p.errors)
+        if e == ENOMEM:
+            # Do not retry at full speed while memory is out.
+            with nogil:
+                np_poll_wait(p.pfd, p.evs, 0, 10)
+
     cdef int _gil_phase(self) except -1:
         """Run everything of this batch that needs Python, GIL held once."""
         cdef np_poller_t *p = self.p
-        cdef np_conn_t *c
-        cdef np_conn_t *nxt
-        cdef Operator op
+        cdef np_op_t *op
+        cdef np_op_t *nxt
+        cdef Operator owner
         cdef int reasons
         p.gil_batches += 1
         while p.gil_head != NULL:
-            c = p.gil_head
+            op = p.gil_head
             p.gil_head = NULL
-            while c != NULL:
-                nxt = c.next_gil
-                reasons = c.gil_reasons
-                c.gil_reasons = 0
-                if c.pyobj != NULL:
-                    op = <Operator><PyObject *>c.pyobj
+            while op != NULL:
+                nxt = op.next_gil
+                reasons = op.gil_reasons
+                op.gil_reasons = 0
+                if op.pyobj != NULL:
+                    owner = <Operator><PyObject *>op.pyobj
                     # Both may be due in one batch (fds accepted just before
                     # the listener's teardown): events first, so nothing
                     # accepted is dropped, then the teardown.
                     try:
-                        if reasons & (GR_PROCESS | GR_ACCEPT | GR_HANDLER):
-                            op._on_poller_event()
+                        if reasons & GR_EVENT:
+                            owner._on_poller_event()
                     except BaseException:
                         log.exception("netpoll: unexpected error in the poller's dispatch")
                     try:
                         if reasons & GR_TEARDOWN:
-                            op._on_teardown()
+                            owner._on_teardown()
                     except BaseException:
                         log.exception("netpoll: unexpected error in the poller's dispatch")
-                    op = None
-                np_conn_decref(c)
-                c = nxt
+                    owner = None
+                np_op_decref(op)
+                op = nxt
         return 0
 
     cdef int _register(self, Operator op) except -1:
         """Hand op's fd to this poller (any thread). op stays referenced until
         its teardown."""
-        cdef np_conn_t *c = op.op
-        c.poller = self.p
+        op.op.poller = self.p
         self.registry[id(op)] = op
-        if np_poller_submit(self.p, TASK_REGISTER, c, NULL) < 0:
-            del self.registry[id(op)]
-            raise MemoryError()
+        np_op_submit(op.op, T_REGISTER)
         return 0
 
     def unregister(self, Operator op):
@@ -1037,9 +587,16 @@ cdef class Poller:
     def is_alive(self):
         return self.thread is not None and self.thread.is_alive()
 
+    def _set_slice_bytes(self, Py_ssize_t n):
+        """Benchmark knob: bytes read from one batch before the handlers run
+        (0: the whole batch first). The default suits caches of 1 MiB and more."""
+        if n < 0:
+            raise ValueError("slice size must be >= 0")
+        self.p.slice_bytes = <size_t>n
+
     def stats(self):
         """Counters: loop iterations, events, GIL batches, batches cut into
-        slices, timers, operators."""
+        slices, timers, operators, errors."""
         return {
             "index": self.index,
             "loops": self.p.loops,
@@ -1050,6 +607,7 @@ cdef class Poller:
             "operators": len(self.registry),
             "queued_tasks": self.p.ntasks,
             "wake_pending": self.p.wake_pending,
+            "errors": self.p.errors,
         }
 
     def __dealloc__(self):
@@ -1060,18 +618,10 @@ cdef class Poller:
                 np_wakeup_close(self.p.wake_r, self.p.wake_w)
             timer_heap_free(&self.p.timers)
             PyMem_RawFree(self.p.evs)
-            PyMem_RawFree(self.p.tasks)
             pthread_mutex_destroy(&self.p.qlock)
+            pthread_mutex_destroy(&self.p.all_lock)
             PyMem_RawFree(self.p)
             self.p = NULL
 
     def __repr__(self):
         return f"<Poller {self.index} operators={len(self.registry)}>"
-
-
-def bind_pool(WorkerPool pool not None):
-    """Make `pool` run connection tasks queued by the pollers (one pool per
-    process: the pollers watch it for stalled workers)."""
-    global g_pool
-    pool.q.handler = np_pool_item
-    g_pool = pool.q

@@ -2,9 +2,9 @@
 # on the poller thread that owns them (see reactor.pyx for the guarantees).
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from netpoll._core.poller cimport Operator, Poller, np_conn_t, np_hook_t
+from netpoll._core.poller cimport Operator, Poller, np_op_t
 from netpoll._core.timer cimport np_timer_t
-from netpoll._core.linkbuffer cimport np_chunk_t
+from netpoll._core.linkbuffer cimport np_chunk_t, np_lb_t
 
 
 # A handler timer. `t` comes first: the heap holds &t and the expiry hook
@@ -18,14 +18,20 @@ cdef struct np_utimer_t:
     int internal               # 1: a Connector's connect timeout (no on_timeout)
 
 
-# Per-poller control block. `hook` comes first: TM_USER timers' data and
-# TASK_CALL tasks' arg point here.
+# Per-poller control block: an operator without an fd (CTL_KIND) whose
+# timers are the handlers' timers and whose task is "requests are queued".
 cdef struct rp_ctl_t:
-    np_hook_t hook
-    np_conn_t *op              # the control operator (OP_HANDLER, no fd)
+    np_op_t op                 # the header first
     np_utimer_t *fired_head
     np_utimer_t *fired_tail
-    int wake_pending           # atomic: a TASK_CALL is queued
+    int wake_pending           # atomic: a T_CALL is queued
+
+
+# An EvHandler's operator (HANDLER_KIND).
+cdef struct np_handler_t:
+    np_op_t op                 # the header first
+    np_lb_t *outbuf            # output the socket did not take yet
+    uint32_t hready            # events seen since the last GIL phase (poller thread only)
 
 
 cdef class _ReactorPoller(Operator):
@@ -47,6 +53,7 @@ cdef class _ReactorPoller(Operator):
 
 
 cdef class EvHandler(Operator):
+    cdef np_handler_t *h
     cdef _ReactorPoller rp
     cdef object _reactor
     cdef uint32_t umask        # EV_* the user asked for

@@ -1,7 +1,7 @@
 # goev's Reactor model on netpoll's pollers.
 #
 # A Reactor owns `poll_num` Poller threads of its own (separate from the
-# EventLoop's). An EvHandler is an fd operator of kind OP_HANDLER: the poller
+# EventLoop's). An EvHandler is an operator of kind HANDLER_KIND: the poller
 # records its ready events without the GIL and queues it for the GIL phase of
 # the batch, where `_dispatch` calls on_read/on_write per the mask (one GIL
 # acquisition per batch, as for the EventLoop). Reads happen inside on_read,
@@ -9,8 +9,8 @@
 #
 # Every callback of a handler runs on the poller thread it is bound to, so a
 # handler's Python state needs no lock. Other threads reach a poller through
-# its control operator: they append a request to `xq` and queue one TASK_CALL
-# (np_hook_t) that puts the control operator in the next GIL phase.
+# its control operator: they append a request to `xq` and submit T_CALL,
+# which puts the control operator in the next GIL phase.
 #
 # Timers are np_utimer_t in the poller's own 4-ary heap (kind TM_USER); they
 # are created, fired and freed on the poller thread only, so a cancel from
@@ -36,21 +36,23 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from netpoll._core.includes.system cimport (
-    recv, send, close, errno, EAGAIN, EWOULDBLOCK, EINTR,
+    pthread_mutex_destroy, np_atomic_load_uint,
+    errno, EAGAIN, EWOULDBLOCK, EINTR,
     EINPROGRESS,
     pthread_mutex_lock, pthread_mutex_unlock,
     NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET, NP_MSG_NOSIGNAL,
-    np_atomic_cas_int, np_atomic_store_int, np_atomic_load_int, np_monotonic_ns, np_poll_ctl,
+    np_atomic_cas_int, np_atomic_store_int, np_atomic_load_int, np_monotonic_ns,
 )
 from netpoll._core.poller cimport (
-    Operator, Poller, np_conn_t, np_poller_t, np_hook_t, np_conn_new, np_conn_decref,
-    np_poller_submit, np_on_poller_thread, np_gil_list_add, np_send_output,
-    OP_HANDLER, GR_HANDLER, TASK_CALL, TM_USER, CF_FD_CLOSED,
+    Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
+    np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd, np_op_gil,
+    np_poller_timer_push, np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
 )
-from netpoll._core.timer cimport (np_timer_t, timer_init, timer_heap_push, timer_heap_remove)
+from netpoll._core.sockio cimport np_recv, np_send, np_send_lb
+from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_push, timer_heap_remove
 from netpoll._core.linkbuffer cimport (
     np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_lb_new, np_lb_readable,
-    np_lb_reserve, np_lb_commit, np_lb_clear,
+    np_lb_reserve, np_lb_commit, np_lb_clear, np_lb_free,
 )
 
 from netpoll.errors import ConnectionClosedError, DialTimeoutError
@@ -62,12 +64,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int SOL_SOCKET, SO_ERROR
 
-cdef extern from "<unistd.h>" nogil:
-    ssize_t c_write "write"(int fd, const void *buf, size_t n)
-    ssize_t os_read "read"(int fd, void *buf, size_t n)
-
 cdef extern from "<errno.h>" nogil:
-    int ENOTSOCK, EALREADY, ECONNREFUSED, ETIMEDOUT
+    int EALREADY, ECONNREFUSED, ETIMEDOUT
 
 # Event masks (goev's EvIn, EvOut, EvInET, EvOutET).
 EV_IN = NP_EV_READ
@@ -78,6 +76,7 @@ EV_OUT_ET = NP_EV_WRITE | NP_EV_ET
 cdef uint32_t EV_ALL = NP_EV_READ | NP_EV_WRITE | NP_EV_ET
 
 cdef enum:
+    TM_USER = 4                # np_timer_t.kind of handler timers
     OUT_CHUNK = 16384
     MAX_READ_BUFFER = 64 << 20
 
@@ -130,7 +129,7 @@ def conn_error(int e, object addr):
 
 # ------------------------------------------------------------ nogil helpers
 
-cdef int _lb_append(np_conn_t *c, const char *p, size_t n) noexcept nogil:
+cdef int _lb_append(np_handler_t *c, const char *p, size_t n) noexcept nogil:
     """Copy n bytes to the output buffer (lock held): 0 or -1 (ENOMEM)."""
     cdef char *dst
     cdef size_t cap, k
@@ -146,14 +145,7 @@ cdef int _lb_append(np_conn_t *c, const char *p, size_t n) noexcept nogil:
     return 0
 
 
-cdef ssize_t _send1(int fd, const char *p, size_t n) noexcept nogil:
-    cdef ssize_t r = send(fd, p, n, NP_MSG_NOSIGNAL)
-    if r < 0 and errno == ENOTSOCK:
-        r = c_write(fd, p, n)          # a pipe or another non-socket fd
-    return r
-
-
-cdef uint32_t _want(np_conn_t *c, uint32_t umask, bint connecting, bint eof_seen,
+cdef uint32_t _want(np_handler_t *c, uint32_t umask, bint connecting, bint eof_seen,
                     bint closed) noexcept nogil:
     """The poll-set mask for a handler: what the user asked for, plus EPOLLOUT
     while output is pending or a connect is in progress."""
@@ -169,33 +161,76 @@ cdef uint32_t _want(np_conn_t *c, uint32_t umask, bint connecting, bint eof_seen
     return want
 
 
-cdef int _apply_locked(np_conn_t *c, uint32_t want) noexcept nogil:
+cdef int _apply_locked(np_handler_t *c, uint32_t want) noexcept nogil:
     """Bring the poll set in line with `want` (lock held): 0 or errno."""
-    cdef int op
-    if c.fd < 0 or c.poller == NULL or want == c.events:
+    if c.op.fd < 0 or c.op.poller == NULL:
         return 0
-    op = 0 if c.events == 0 else (2 if want == 0 else 1)
-    if np_poll_ctl(c.poller.pfd, op, c.fd, want, c.events, c) == 0:
-        c.events = want
-        return 0
-    return errno
+    return np_op_set_interest_locked(&c.op, want)
 
 
-cdef void _rp_hook(np_poller_t *p, np_hook_t *h, np_timer_t *t, int64_t now) noexcept nogil:
-    """Poller thread, no GIL: a handler timer expired (t) or another thread
-    posted a request (t == NULL). Either way the control operator runs in
-    this batch's GIL phase; fired timers keep their expiry order."""
-    cdef rp_ctl_t *ctl = <rp_ctl_t *>h
-    cdef np_utimer_t *u
-    if t != NULL:
-        u = <np_utimer_t *>t
-        u.next = NULL
-        if ctl.fired_tail != NULL:
-            ctl.fired_tail.next = u
-        else:
-            ctl.fired_head = u
-        ctl.fired_tail = u
-    np_gil_list_add(p, ctl.op, GR_HANDLER)
+cdef np_op_kind_t CTL_KIND
+CTL_KIND.name = "reactor control"
+CTL_KIND.ready = NULL
+CTL_KIND.timer = _ctl_timer
+CTL_KIND.task = _ctl_task
+CTL_KIND.deferred = NULL
+CTL_KIND.free = _ctl_free
+
+cdef np_op_kind_t HANDLER_KIND
+HANDLER_KIND.name = "reactor handler"
+HANDLER_KIND.ready = _handler_ready
+HANDLER_KIND.timer = NULL
+HANDLER_KIND.task = NULL
+HANDLER_KIND.deferred = NULL
+HANDLER_KIND.free = _handler_free
+
+
+cdef void _ctl_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) noexcept nogil:
+    """Poller thread, no GIL: a handler timer expired. The control operator
+    runs in this batch's GIL phase; fired timers keep their expiry order."""
+    cdef rp_ctl_t *ctl = <rp_ctl_t *>op
+    cdef np_utimer_t *u = <np_utimer_t *>t
+    u.next = NULL
+    if ctl.fired_tail != NULL:
+        ctl.fired_tail.next = u
+    else:
+        ctl.fired_head = u
+    ctl.fired_tail = u
+    np_op_gil(p, op, GR_EVENT)
+
+
+cdef void _ctl_task(np_poller_t *p, np_op_t *op, unsigned int tasks, int64_t now) noexcept nogil:
+    """Another thread posted requests (T_CALL): drain them in the GIL phase."""
+    np_op_gil(p, op, GR_EVENT)
+
+
+cdef void _ctl_free(np_op_t *op) noexcept nogil:
+    cdef rp_ctl_t *ctl = <rp_ctl_t *>op
+    cdef np_utimer_t *u = ctl.fired_head
+    cdef np_utimer_t *nxt
+    while u != NULL:
+        nxt = u.next
+        PyMem_RawFree(u)
+        u = nxt
+    pthread_mutex_destroy(&ctl.op.lock)
+    PyMem_RawFree(ctl)
+
+
+cdef size_t _handler_ready(np_poller_t *p, np_op_t *op, uint32_t ev, int64_t now) noexcept nogil:
+    """Record what is ready; the callbacks run in the GIL phase (reads
+    happen there, in on_read, as in goev)."""
+    cdef np_handler_t *h = <np_handler_t *>op
+    if not (np_atomic_load_uint(&op.flags) & OF_FD_CLOSED):
+        h.hready |= ev
+        np_op_gil(p, op, GR_EVENT)
+    return 0
+
+
+cdef void _handler_free(np_op_t *op) noexcept nogil:
+    cdef np_handler_t *h = <np_handler_t *>op
+    np_lb_free(h.outbuf)
+    pthread_mutex_destroy(&h.op.lock)
+    PyMem_RawFree(h)
 
 
 cdef class _ReadView:
@@ -230,12 +265,9 @@ cdef class _ReactorPoller(Operator):
         if self.ctl == NULL:
             raise MemoryError()
         memset(self.ctl, 0, sizeof(rp_ctl_t))
-        self.ctl.hook.fn = _rp_hook
-        self.ctl.op = np_conn_new(-1, OP_HANDLER)
-        if self.ctl.op == NULL:
-            raise MemoryError()
+        np_op_init(&self.ctl.op, &CTL_KIND, -1)
         self.ctl.op.pyobj = <void *>self
-        self.op = self.ctl.op
+        self.op = &self.ctl.op
         self.index = index
         self.poller = Poller(index)
         self.ctl.op.poller = self.poller.p
@@ -254,9 +286,7 @@ cdef class _ReactorPoller(Operator):
         """Hand `item` to this poller's thread (any thread, GIL held)."""
         self.xq.append(item)
         if np_atomic_cas_int(&self.ctl.wake_pending, 0, 1):
-            if np_poller_submit(self.poller.p, TASK_CALL, self.ctl.op, <void *>self.ctl) < 0:
-                np_atomic_store_int(&self.ctl.wake_pending, 0)
-                raise MemoryError("netpoll: cannot queue a task for the poller")
+            np_op_submit(&self.ctl.op, T_CALL)
         return 0
 
     cdef int _on_poller_event(self) except -1:
@@ -349,18 +379,9 @@ cdef class _ReactorPoller(Operator):
         return 0
 
     def __dealloc__(self):
-        cdef np_utimer_t *u
-        cdef np_utimer_t *nxt
         if self.ctl != NULL:
-            u = self.ctl.fired_head
-            while u != NULL:
-                nxt = u.next
-                PyMem_RawFree(u)
-                u = nxt
-            if self.ctl.op != NULL:
-                self.ctl.op.pyobj = NULL
-                np_conn_decref(self.ctl.op)
-            PyMem_RawFree(self.ctl)
+            self.ctl.op.pyobj = NULL
+            np_op_decref(&self.ctl.op)      # frees the fired list with it
             self.ctl = NULL
         self.op = NULL
         if self.rchunk != NULL:
@@ -376,7 +397,7 @@ cdef int _open(EvHandler h) except -1:
         return 0
     if h._pool is not None:
         h._pool._handler_event(h, "open")
-    if np_lb_readable(h.op.outbuf) > 0:
+    if np_lb_readable(h.h.outbuf) > 0:
         h._flush()
     return 0
 
@@ -408,13 +429,17 @@ cdef class EvHandler(Operator):
     """
 
     def __cinit__(self, *args, **kwargs):
-        self.op = np_conn_new(-1, OP_HANDLER)
-        if self.op == NULL:
+        cdef np_handler_t *h = <np_handler_t *>PyMem_RawMalloc(sizeof(np_handler_t))
+        if h == NULL:
             raise MemoryError()
-        self.op.outbuf = np_lb_new(0)
-        if self.op.outbuf == NULL:
+        memset(h, 0, sizeof(np_handler_t))
+        np_op_init(&h.op, &HANDLER_KIND, -1)
+        self.h = h
+        self.op = &h.op
+        h.outbuf = np_lb_new(0)
+        if h.outbuf == NULL:
             raise MemoryError()
-        self.op.pyobj = <void *>self
+        h.op.pyobj = <void *>self
         self.rp = None
         self._reactor = None
         self._timers = {}
@@ -430,12 +455,11 @@ cdef class EvHandler(Operator):
                     u = <np_utimer_t *><size_t>addr
                     if u.t.index < 0:
                         u.handler = NULL
-            if self.op.fd >= 0 and not (self.op.flags & CF_FD_CLOSED):
-                close(self.op.fd)
-                self.op.fd = -1
+            np_op_close_fd(self.op, NULL)
             self.op.pyobj = NULL
-            np_conn_decref(self.op)
+            np_op_decref(self.op)
             self.op = NULL
+            self.h = NULL
 
     # ---- callbacks (override) ----
 
@@ -484,7 +508,7 @@ cdef class EvHandler(Operator):
 
     def pending_output_size(self):
         """Bytes accepted by write/async_write and not yet sent."""
-        return np_lb_readable(self.op.outbuf)
+        return np_lb_readable(self.h.outbuf)
 
     def read(self):
         """Read what the socket has into the poller's shared read buffer.
@@ -520,15 +544,9 @@ cdef class EvHandler(Operator):
             rp.rchunk = c
         cap = rp.rbuf_size
         with nogil:
-            while True:
-                r = recv(fd, c.data, cap, 0)
-                if r < 0 and errno == ENOTSOCK:
-                    r = os_read(fd, c.data, cap)
-                if r < 0 and errno == EINTR:
-                    continue
-                if r < 0:
-                    e = errno
-                break
+            r = np_recv(fd, c.data, cap)
+            if r < 0:
+                e = errno
         if r > 0:
             np_chunk_incref(c)
             v = _ReadView.__new__(_ReadView)
@@ -550,7 +568,7 @@ cdef class EvHandler(Operator):
         async_write(data). Returns len(data); raises ConnectionClosedError
         after close. A socket error closes the handler (on_close follows)."""
         cdef Py_buffer pb
-        cdef np_conn_t *c = self.op
+        cdef np_handler_t *c = self.h
         cdef size_t off = 0, n
         cdef ssize_t r
         cdef int e = 0, st = 0
@@ -567,14 +585,12 @@ cdef class EvHandler(Operator):
         n = <size_t>pb.len
         try:
             with nogil:
-                pthread_mutex_lock(&c.lock)
-                if np_lb_readable(c.outbuf) == 0 and c.fd >= 0 and not self.connecting:
+                pthread_mutex_lock(&c.op.lock)
+                if np_lb_readable(c.outbuf) == 0 and c.op.fd >= 0 and not self.connecting:
                     while off < n:
-                        r = _send1(c.fd, <char *>pb.buf + off, n - off)
+                        r = np_send(c.op.fd, <char *>pb.buf + off, n - off)
                         if r >= 0:
                             off += <size_t>r
-                            continue
-                        if errno == EINTR:
                             continue
                         if errno != EAGAIN and errno != EWOULDBLOCK:
                             e = errno
@@ -586,7 +602,7 @@ cdef class EvHandler(Operator):
                         _apply_locked(c, want)
                 qt[0] += (off if (e or st) else n)
                 stt[0] += off
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
         finally:
             PyBuffer_Release(&pb)
         if st < 0:
@@ -608,7 +624,7 @@ cdef class EvHandler(Operator):
         connection closed first. Raises ConnectionClosedError (and does not
         call the callback) when the handler is already closed."""
         cdef Py_buffer pb
-        cdef np_conn_t *c = self.op
+        cdef np_handler_t *c = self.h
         cdef int st = 0
         cdef uint64_t target = 0
         cdef uint64_t *qt = &self.queued_total
@@ -621,12 +637,12 @@ cdef class EvHandler(Operator):
             if self.rp is None:
                 raise RuntimeError("netpoll: the handler is not attached to a reactor")
             with nogil:
-                pthread_mutex_lock(&c.lock)
+                pthread_mutex_lock(&c.op.lock)
                 st = _lb_append(c, <char *>pb.buf, <size_t>pb.len)
                 if st == 0:
                     qt[0] += <uint64_t>pb.len
                 target = qt[0]
-                pthread_mutex_unlock(&c.lock)
+                pthread_mutex_unlock(&c.op.lock)
         finally:
             PyBuffer_Release(&pb)
         if st < 0:
@@ -735,21 +751,21 @@ cdef class EvHandler(Operator):
         return 0
 
     cdef int _sync_mask(self) except -1:
-        cdef np_conn_t *c = self.op
+        cdef np_handler_t *c = self.h
         cdef uint32_t umask = self.umask
         cdef bint connecting = self.connecting, eof = self.eof_seen, closed = self.closed
         cdef int e
         with nogil:
-            pthread_mutex_lock(&c.lock)
+            pthread_mutex_lock(&c.op.lock)
             e = _apply_locked(c, _want(c, umask, connecting, eof, closed))
-            pthread_mutex_unlock(&c.lock)
+            pthread_mutex_unlock(&c.op.lock)
         if e:
             raise OSError(e, f"netpoll: cannot update the poll set: {os.strerror(e)}")
         return 0
 
     cdef int _on_poller_event(self) except -1:
-        cdef uint32_t ev = self.op.hready
-        self.op.hready = 0
+        cdef uint32_t ev = self.h.hready
+        self.h.hready = 0
         if ev and not self.closed:
             self._dispatch(ev)
         return 0
@@ -759,7 +775,7 @@ cdef class EvHandler(Operator):
         if self.connecting:
             return self._finish_connect(ev)
         if ev & NP_EV_WRITE:
-            if np_lb_readable(self.op.outbuf) > 0:
+            if np_lb_readable(self.h.outbuf) > 0:
                 self._flush()
                 if self.closed:
                     return 0
@@ -783,7 +799,7 @@ cdef class EvHandler(Operator):
         cdef size_t pending
         if self.high_wm <= 0 or self.above_high:
             return 0
-        pending = np_lb_readable(self.op.outbuf)
+        pending = np_lb_readable(self.h.outbuf)
         if pending >= <size_t>self.high_wm:
             self.above_high = True
             try:
@@ -793,21 +809,21 @@ cdef class EvHandler(Operator):
         return 0
 
     cdef int _flush(self) except -1:
-        cdef np_conn_t *c = self.op
+        cdef np_handler_t *c = self.h
         cdef int st = 0
         cdef uint32_t umask = self.umask
         cdef bint connecting = self.connecting, eof = self.eof_seen
         cdef uint64_t sent = 0
-        if self.closed or c.fd < 0:
+        if self.closed or c.op.fd < 0:
             return 0
         self._check_high()
         with nogil:
-            pthread_mutex_lock(&c.lock)
+            pthread_mutex_lock(&c.op.lock)
             if not connecting:
-                st = np_send_output(c, &sent)
+                st = np_send_lb(c.op.fd, c.outbuf, &sent)
             _apply_locked(c, _want(c, umask, connecting, eof, False))
             self.sent_total += sent
-            pthread_mutex_unlock(&c.lock)
+            pthread_mutex_unlock(&c.op.lock)
         if st < 0:
             self.err = -st
             return self._close(OSError(-st, os.strerror(-st)))
@@ -827,7 +843,7 @@ cdef class EvHandler(Operator):
                     except BaseException:
                         log.exception("netpoll: async_write callback raised")
         if self.above_high:
-            pending = np_lb_readable(self.op.outbuf)
+            pending = np_lb_readable(self.h.outbuf)
             if pending <= <size_t>self.low_wm:
                 self.above_high = False
                 try:
@@ -858,7 +874,7 @@ cdef class EvHandler(Operator):
     cdef int _close(self, object err) except -1:
         """Remove the handler: last attempt to send pending output, failed
         completion callbacks, on_close once, then the fd is closed."""
-        cdef np_conn_t *c = self.op
+        cdef np_handler_t *c = self.h
         cdef uint64_t sent = 0
         cdef int fd
         cdef bint try_send = err is None
@@ -870,12 +886,12 @@ cdef class EvHandler(Operator):
         self.closed = True
         self._drop_timers()
         with nogil:
-            pthread_mutex_lock(&c.lock)
-            if c.fd >= 0 and np_lb_readable(c.outbuf) > 0 and try_send:
-                np_send_output(c, &sent)
+            pthread_mutex_lock(&c.op.lock)
+            if c.op.fd >= 0 and np_lb_readable(c.outbuf) > 0 and try_send:
+                np_send_lb(c.op.fd, c.outbuf, &sent)
             _apply_locked(c, 0)
             self.sent_total += sent
-            pthread_mutex_unlock(&c.lock)
+            pthread_mutex_unlock(&c.op.lock)
         exc = err if err is not None else ConnectionClosedError(
             "netpoll: the connection closed before the data was sent")
         cbs = self._wcb
@@ -890,14 +906,8 @@ cdef class EvHandler(Operator):
         except BaseException:
             log.exception("netpoll: on_close raised")
         with nogil:
-            pthread_mutex_lock(&c.lock)
-            fd = c.fd
-            c.fd = -1
-            c.flags |= CF_FD_CLOSED
             np_lb_clear(c.outbuf)
-            pthread_mutex_unlock(&c.lock)
-            if fd >= 0:
-                close(fd)
+            np_op_close_fd(&c.op, NULL)
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
         if self._pool is not None:
@@ -905,7 +915,7 @@ cdef class EvHandler(Operator):
         return 0
 
     cdef int _connect_failed(self, object exc) except -1:
-        cdef np_conn_t *c = self.op
+        cdef np_handler_t *c = self.h
         cdef int fd
         if self.closed:
             return 0
@@ -913,15 +923,11 @@ cdef class EvHandler(Operator):
         self.connecting = False
         self._drop_timers()
         with nogil:
-            pthread_mutex_lock(&c.lock)
+            pthread_mutex_lock(&c.op.lock)
             _apply_locked(c, 0)
-            fd = c.fd
-            c.fd = -1
-            c.flags |= CF_FD_CLOSED
+            pthread_mutex_unlock(&c.op.lock)
             np_lb_clear(c.outbuf)
-            pthread_mutex_unlock(&c.lock)
-            if fd >= 0:
-                close(fd)
+            np_op_close_fd(&c.op, NULL)
         cbs = self._wcb
         self._wcb = []
         for target, cb in cbs:
@@ -1148,11 +1154,12 @@ cdef class Reactor:
                 raise ValueError("handler belongs to another reactor")
             if poller is not None and poller != handler.rp.index:
                 rp = self._pick(poller)
-                if handler.op.events or handler._timers or np_lb_readable(handler.op.outbuf):
+                if handler.op.events or handler._timers or np_lb_readable(handler.h.outbuf):
                     raise RuntimeError("cannot move a handler with events, timers or output")
                 handler.rp.handlers.pop(id(handler), None)
                 handler._bind(rp)
         handler.op.fd = fd
+        np_op_own_fd(handler.op)
         handler.umask = events
         handler.registered = True
         try:
@@ -1187,10 +1194,11 @@ cdef class Reactor:
         """An accepted fd: bind to poller `index` and run on_open there."""
         cdef _ReactorPoller rp = self._rps[index]
         if self._stopping or self._shut or rp.stopping or handler.rp is not None:
-            close(fd)
+            os.close(fd)
             return False
         handler._bind(rp)
         handler.op.fd = fd
+        np_op_own_fd(handler.op)
         if rp._is_current():
             _open(handler)
         else:
@@ -1204,14 +1212,15 @@ cdef class Reactor:
         if timeout is not None:
             tns = _seconds_ns(timeout, "timeout", False)
         if self._stopping or self._shut:
-            close(fd)
+            os.close(fd)
             raise RuntimeError("netpoll: the reactor is stopping")
         if handler.rp is not None or handler.closed or handler.op.fd >= 0:
-            close(fd)
+            os.close(fd)
             raise ValueError("handler is already in use")
         rp = self._pick(None)
         handler._bind(rp)
         handler.op.fd = fd
+        np_op_own_fd(handler.op)
         handler.connecting = True
         handler.connect_addr = addr
         handler.connect_timeout = timeout

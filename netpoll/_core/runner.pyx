@@ -33,12 +33,13 @@ cdef extern from "<sched.h>" nogil:
 cdef enum:
     STALL_NS = 1000000    # 1 ms without progress: wake another worker
 
-# An idle worker polls the queue this long before sleeping (set_spin()).
+# An idle worker polls the queue this long before sleeping (_set_spin()).
 cdef long long spin_ns = 50000
 
 
-def set_spin(long long ns):
-    """How long (ns) one idle worker polls for work before sleeping; 0 disables."""
+def _set_spin(long long ns):
+    """Benchmark knob: how long (ns) one idle worker polls for work before
+    sleeping; 0 disables."""
     global spin_ns
     if ns < 0:
         raise ValueError("spin time must be >= 0")

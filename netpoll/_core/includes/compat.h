@@ -30,6 +30,8 @@
 #define NP_EV_RDHUP 0x10u  /* peer shut down its write side */
 #define NP_EV_ET    0x20u  /* np_poll_ctl only: edge-triggered (Reactor EV_*_ET) */
 
+enum { NP_CTL_ADD = 0, NP_CTL_MOD = 1, NP_CTL_DEL = 2 };
+
 typedef struct np_event_s {
     void *ptr;
     uint32_t events;
@@ -155,14 +157,14 @@ static inline uint32_t np__to_epoll(uint32_t ev) {
     return e;
 }
 
-/* op: 0 add, 1 modify, 2 delete. `old` is the previous mask (unused on epoll). */
+/* op: NP_CTL_ADD, NP_CTL_MOD or NP_CTL_DEL. `old` is the previous mask (unused on epoll). */
 static inline int np_poll_ctl(int pfd, int op, int fd, uint32_t ev, uint32_t old, void *ptr) {
     struct epoll_event e;
     (void)old;
     memset(&e, 0, sizeof(e));
     e.events = np__to_epoll(ev);
     e.data.ptr = ptr;
-    return epoll_ctl(pfd, op == 0 ? EPOLL_CTL_ADD : op == 1 ? EPOLL_CTL_MOD : EPOLL_CTL_DEL, fd, &e);
+    return epoll_ctl(pfd, op == NP_CTL_ADD ? EPOLL_CTL_ADD : op == NP_CTL_MOD ? EPOLL_CTL_MOD : EPOLL_CTL_DEL, fd, &e);
 }
 
 #define NP_POLL_MAX 256
@@ -215,15 +217,15 @@ static inline int np_poll_create(void) {
 static inline int np_poll_ctl(int pfd, int op, int fd, uint32_t ev, uint32_t old, void *ptr) {
     struct kevent ch[2];
     int n = 0;
-    if (op == 2) ev = 0;
-    if ((ev & NP_EV_READ) && (op == 0 || !(old & NP_EV_READ))) {
+    if (op == NP_CTL_DEL) ev = 0;
+    if ((ev & NP_EV_READ) && (op == NP_CTL_ADD || !(old & NP_EV_READ))) {
         EV_SET(&ch[n++], fd, EVFILT_READ, EV_ADD | ((ev & NP_EV_ET) ? EV_CLEAR : 0), 0, 0, ptr);
-    } else if (!(ev & NP_EV_READ) && op != 0 && (old & NP_EV_READ)) {
+    } else if (!(ev & NP_EV_READ) && op != NP_CTL_ADD && (old & NP_EV_READ)) {
         EV_SET(&ch[n++], fd, EVFILT_READ, EV_DELETE, 0, 0, ptr);
     }
-    if ((ev & NP_EV_WRITE) && (op == 0 || !(old & NP_EV_WRITE))) {
+    if ((ev & NP_EV_WRITE) && (op == NP_CTL_ADD || !(old & NP_EV_WRITE))) {
         EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_ADD | ((ev & NP_EV_ET) ? EV_CLEAR : 0), 0, 0, ptr);
-    } else if (!(ev & NP_EV_WRITE) && op != 0 && (old & NP_EV_WRITE)) {
+    } else if (!(ev & NP_EV_WRITE) && op != NP_CTL_ADD && (old & NP_EV_WRITE)) {
         EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_DELETE, 0, 0, ptr);
     }
     if (n == 0) return 0;
@@ -273,6 +275,41 @@ static inline void np_wakeup_drain(int rfd) {
     while (read(rfd, buf, sizeof(buf)) > 0) {}
 }
 static inline void np_wakeup_close(int rfd, int wfd) { close(rfd); close(wfd); }
+#endif
+
+/* ------------------------------------------------ descriptor identity */
+
+#include <sys/stat.h>
+
+/* The (device, inode) pair that names the open file behind fd: the library
+ * records it when it takes ownership of an fd and checks it before closing
+ * the number, so that a number the user closed and the kernel reused for
+ * another file is never closed by us. -1 if fstat fails (errno set). */
+static inline int np_fd_identity(int fd, uint64_t *dev, uint64_t *ino) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -1;
+    *dev = (uint64_t)st.st_dev;
+    *ino = (uint64_t)st.st_ino;
+    return 0;
+}
+
+/* Replace the poll set at number `oldfd` by the one at `newfd` (which is
+ * closed). On epoll this drops every registration of the old set, including
+ * ones keyed on files whose fd number we no longer have (see poller.pxd). */
+#if defined(__linux__)
+#define NP_POLL_NEEDS_REBUILD 1
+static inline int np_poll_replace(int newfd, int oldfd) {
+    int r = dup3(newfd, oldfd, O_CLOEXEC);
+    int e = errno;
+    close(newfd);
+    errno = e;
+    return r < 0 ? -1 : 0;
+}
+#else
+/* kqueue removes a descriptor's events when that descriptor is closed, so a
+ * registration never outlives the number: nothing to rebuild. */
+#define NP_POLL_NEEDS_REBUILD 0
+static inline int np_poll_replace(int newfd, int oldfd) { (void)oldfd; close(newfd); return 0; }
 #endif
 
 #endif /* NETPOLL_COMPAT_H */

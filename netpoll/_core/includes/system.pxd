@@ -1,7 +1,7 @@
 # C declarations used by the core, all callable without the GIL.
 # Platform differences live in compat.h; this file only declares.
 
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -40,7 +40,7 @@ cdef extern from "<unistd.h>" nogil:
 cdef extern from "<errno.h>" nogil:
     int errno
     int EAGAIN, EWOULDBLOCK, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
-    int ECONNABORTED, ECONNRESET, EPIPE, EINPROGRESS, ETIMEDOUT, EBADF, EINVAL
+    int ECONNABORTED, ECONNRESET, EPIPE, EINPROGRESS, ETIMEDOUT, EBADF, EINVAL, ENOENT
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
@@ -143,6 +143,10 @@ cdef extern from "compat.h" nogil:
     int np_accept(int lfd)
     int np_is_inet(int fd)
 
+    int NP_CTL_ADD, NP_CTL_MOD, NP_CTL_DEL
+    int NP_POLL_NEEDS_REBUILD
+    int np_fd_identity(int fd, uint64_t *dev, uint64_t *ino)
+    int np_poll_replace(int newfd, int oldfd)
     int np_poll_create()
     int np_poll_ctl(int pfd, int op, int fd, uint32_t ev, uint32_t old, void *ptr)
     int np_poll_wait(int pfd, np_event_t *out, int maxev, int timeout_ms)

@@ -80,15 +80,17 @@ def main(argv=None):
     try:
         netpoll = import_netpoll()
         if os.environ.get("NETPOLL_SPIN_NS"):
-            from netpoll._core.runner import set_spin
-            set_spin(int(os.environ["NETPOLL_SPIN_NS"]))
+            from netpoll._core.runner import _set_spin
+            _set_spin(int(os.environ["NETPOLL_SPIN_NS"]))
         if os.environ.get("NETPOLL_POOL_SIZE"):
             netpoll.configure(pool_size=int(os.environ["NETPOLL_POOL_SIZE"]))
-        if os.environ.get("NETPOLL_SLICE_BYTES"):
-            from netpoll._core.poller import set_slice_bytes
-            set_slice_bytes(int(os.environ["NETPOLL_SLICE_BYTES"]))
         if args.loops is not None:
             netpoll.set_num_loops(args.loops)
+        if os.environ.get("NETPOLL_SLICE_BYTES"):
+            from netpoll.config import runtime
+            runtime().ensure_started()
+            for poller in runtime().pollers:
+                poller._set_slice_bytes(int(os.environ["NETPOLL_SLICE_BYTES"]))
         if args.unix:
             try:
                 os.unlink(args.unix)
