@@ -85,7 +85,7 @@ class Listener:
         if self._sock.fileno() >= 0:
             self._sock.close()
             if self._unix_path is not None:
-                unlink_unix_socket(self._unix_path)
+                _unlink_unix_socket(self._unix_path)
 
     def _stop_listening(self) -> None:
         try:
@@ -107,7 +107,7 @@ class Listener:
         return f"<Listener {self.network} {self.addr!r}{' closed' if self.closed else ''}>"
 
 
-def bind_unix(path: str, backlog: int, mode: int = 0o600, rcvbuf: int = 0) -> socket.socket:
+def _bind_unix(path: str, backlog: int, mode: int = 0o600, rcvbuf: int = 0) -> socket.socket:
     """A listening, non-blocking Unix stream socket bound to `path`: the one
     Unix binder of the library (create_listener and the Reactor's Acceptor).
 
@@ -143,7 +143,7 @@ def bind_unix(path: str, backlog: int, mode: int = 0o600, rcvbuf: int = 0) -> so
     return sock
 
 
-def unlink_unix_socket(path: str) -> None:
+def _unlink_unix_socket(path: str) -> None:
     """Remove the socket file of a closed Unix listener, if a socket is still
     there (never a symlink or another kind of file); errors are ignored."""
     try:
@@ -168,7 +168,7 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
     backlog = _validate.size(backlog, "backlog", maximum=_MAX_BACKLOG)
     mode = _validate.size(mode, "mode", maximum=0o777)
     if family == socket.AF_UNIX:
-        return Listener(bind_unix(addr, backlog, mode), network, addr)
+        return Listener(_bind_unix(addr, backlog, mode), network, addr)
     host, port = addr
     infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
                                socket.AI_PASSIVE)

@@ -14,7 +14,6 @@ import threading
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from netpoll import _validate
-
 from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     EV_ET,
     EV_IN,
@@ -26,7 +25,7 @@ from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     conn_error,
 )
 from netpoll._core.server import ListenerOperator
-from netpoll.listener import bind_unix, parse_address, unlink_unix_socket
+from netpoll.listener import _bind_unix, _unlink_unix_socket, parse_address
 
 __all__ = [
     "Reactor",
@@ -132,7 +131,7 @@ class Acceptor:
     def _listen(self, family: int, addr: Any, reuse_port: bool, reuse_addr: bool,
                 backlog: int, rcvbuf: int, n: int) -> List[socket.socket]:
         if family == socket.AF_UNIX:
-            s = bind_unix(addr, backlog, rcvbuf=rcvbuf)
+            s = _bind_unix(addr, backlog, rcvbuf=rcvbuf)
             self._unix_path = addr
             self.addr: Any = addr
             return [s]
@@ -206,7 +205,7 @@ class Acceptor:
             op.close(wait)
         self._reactor._unregister_acceptor(self)
         if self._unix_path is not None:
-            unlink_unix_socket(self._unix_path)
+            _unlink_unix_socket(self._unix_path)
 
     @property
     def num_listeners(self) -> int:
