@@ -1,4 +1,6 @@
-"""Build script: cythonizes every module in netpoll/_core.
+"""Build script: cythonizes every module in netpoll/_core, and the benchmark's
+native load generator (netpoll/bench/_loadgen.pyx: bench code, kept out of the
+core package; the library never imports it).
 
 Directives are chosen per the code's guarantees: the hot-path modules index
 C arrays whose bounds they check themselves, so bounds/wraparound checks are
@@ -30,7 +32,9 @@ elif os.environ.get("NETPOLL_DEBUG"):
     compile_args = ["-O0", "-g", "-pthread"]
 
 extensions = []
-for pyx in sorted(glob(os.path.join("netpoll", "_core", "*.pyx"))):
+sources = sorted(glob(os.path.join("netpoll", "_core", "*.pyx")))
+sources.append(os.path.join("netpoll", "bench", "_loadgen.pyx"))
+for pyx in sources:
     name = pyx[:-4].replace(os.sep, ".")
     extensions.append(
         Extension(

@@ -16,7 +16,7 @@ import random
 
 import pytest
 
-from netpoll._core.timer import TimerHeap
+from netpoll._core.testing import TimerHeap
 
 N = 10_000
 DEADLINES = [random.Random(1).randrange(1, 10**12) for _ in range(N)]

@@ -12,6 +12,7 @@ import random
 import threading
 from typing import Any, Callable, Dict, List, Optional, Union
 
+from netpoll import _validate
 from netpoll._core.connection import set_buffer_size as _set_buffer_size
 from netpoll._core.connection import bind_pool
 from netpoll._core.poller import Poller
@@ -20,6 +21,12 @@ from netpoll._core.runner import WorkerPool
 __all__ = ["LoadBalance", "configure", "set_num_loops", "set_load_balance", "stats"]
 
 Runner = Union[str, Callable[[Callable[[], None]], Any]]
+
+# Bounds of the global settings: beyond them a value is a mistake, not a
+# configuration (a poller is a thread; a chunk is allocated per buffer).
+_MAX_LOOPS = 1024
+_MAX_BUFFER_SIZE = 64 << 20
+_MAX_POOL_SIZE = 4096
 
 
 class LoadBalance(enum.Enum):
@@ -100,53 +107,64 @@ def configure(
 ) -> None:
     """Set global options. Call before the first EventLoop or dial.
 
-    num_loops: poller threads (default 1: with the GIL one poller saturates
-    a core; raise it for many connections or free-threaded CPython).
-    buffer_size: preferred size of new buffer chunks in bytes.
+    num_loops: poller threads, 1..1024 (default 1: with the GIL one poller
+    saturates a core; raise it for many connections or free-threaded CPython).
+    buffer_size: preferred size of new buffer chunks in bytes, 1..64 MiB.
     runner: default runner for EventLoops and dialed connections.
-    pool_size: worker threads of the "pool" runner (default 16).
+    pool_size: worker threads of the "pool" runner, 1..4096 (default 16).
+
+    Every argument is checked before any is applied: a call that raises
+    (TypeError, ValueError, or RuntimeError for a pool_size once the pool
+    runs) changes nothing.
     """
     if num_loops is not None:
-        set_num_loops(num_loops)
+        num_loops = _validate.size(num_loops, "num_loops", minimum=1, maximum=_MAX_LOOPS)
     if load_balance is not None:
-        set_load_balance(load_balance)
+        _check_load_balance(load_balance)
     if buffer_size is not None:
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int):
-            raise TypeError("buffer_size must be an int")
-        if buffer_size < 1:
-            raise ValueError("buffer_size must be >= 1")
-        _runtime.buffer_size = buffer_size
-        _set_buffer_size(buffer_size)
+        buffer_size = _validate.size(buffer_size, "buffer_size", minimum=1,
+                                     maximum=_MAX_BUFFER_SIZE)
     if runner is not None:
-        _runtime.runner = _check_runner(runner)
+        runner = _check_runner(runner)
     if pool_size is not None:
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int):
-            raise TypeError("pool_size must be an int")
-        if pool_size < 1:
-            raise ValueError("pool_size must be >= 1")
+        pool_size = _validate.size(pool_size, "pool_size", minimum=1, maximum=_MAX_POOL_SIZE)
         if _runtime.pool is not None:
             raise RuntimeError(
                 "the worker pool is already running; configure() it before first use")
+    # Only starting pollers can still fail (no thread for one): it goes first,
+    # and set_num_loops leaves num_loops as it was when it does.
+    if num_loops is not None:
+        set_num_loops(num_loops)
+    if load_balance is not None:
+        _runtime.load_balance = load_balance
+    if buffer_size is not None:
+        _runtime.buffer_size = buffer_size
+        _set_buffer_size(buffer_size)
+    if runner is not None:
+        _runtime.runner = runner
+    if pool_size is not None:
         _runtime.pool_size = pool_size
 
 
 def set_num_loops(n: int) -> None:
-    """Use n poller threads (n >= 1). More can be added while running."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError("num_loops must be an int")
-    if n < 1:
-        raise ValueError(f"num_loops must be >= 1, got {n}")
+    """Use n poller threads (1 <= n <= 1024). More can be added while running."""
+    n = _validate.size(n, "num_loops", minimum=1, maximum=_MAX_LOOPS)
     with _runtime.lock:
-        _runtime.num_loops = n
         if _runtime.started:
             _runtime._grow(n)
+        # After the pollers exist: pick() indexes them by num_loops.
+        _runtime.num_loops = n
 
 
 def set_load_balance(lb: LoadBalance) -> None:
     """Spread new connections over pollers by round robin or at random."""
+    _check_load_balance(lb)
+    _runtime.load_balance = lb
+
+
+def _check_load_balance(lb: Any) -> None:
     if not isinstance(lb, LoadBalance):
         raise TypeError("load_balance must be a netpoll.LoadBalance")
-    _runtime.load_balance = lb
 
 
 def stats() -> Dict[str, Any]:

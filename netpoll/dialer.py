@@ -5,6 +5,7 @@ import socket
 import time
 from typing import Any, Callable, Optional
 
+from netpoll import _validate
 from netpoll._core.connection import Connection, wrap_socket_fd
 from netpoll.config import _check_runner, runtime
 from netpoll.errors import DialTimeoutError
@@ -13,41 +14,32 @@ from netpoll.listener import parse_address
 __all__ = ["Dialer", "dial_connection"]
 
 
-def _check_timeout(timeout: Optional[float]) -> Optional[float]:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError("timeout must be a number of seconds or None")
-    if timeout != timeout or timeout < 0:
-        raise ValueError(f"timeout must be >= 0, got {timeout!r}")
-    return float(timeout)
-
-
 class Dialer:
     """Makes client connections served by the shared pollers.
 
     runner: how an ``on_request`` set later with ``conn.set_on_request`` is run
     ("pool" by default, "inline", or a callable). Timeouts in seconds apply
-    to every connection it makes."""
+    to every connection it makes (None or ``float("inf")``: no limit)."""
 
     def __init__(self, *, runner: Any = None, read_timeout: Optional[float] = None,
                  write_timeout: Optional[float] = None,
                  idle_timeout: Optional[float] = None) -> None:
         self.runner = _check_runner(runner) if runner is not None else None
-        self.read_timeout = _check_timeout(read_timeout)
-        self.write_timeout = _check_timeout(write_timeout)
-        self.idle_timeout = _check_timeout(idle_timeout)
+        self.read_timeout = _validate.seconds(read_timeout, "read_timeout")
+        self.write_timeout = _validate.seconds(write_timeout, "write_timeout")
+        self.idle_timeout = _validate.seconds(idle_timeout, "idle_timeout")
 
     def dial_connection(self, network: str, address: Any,
                         timeout: Optional[float] = None,
                         on_request: Optional[Callable[[Any, Connection], None]] = None
                         ) -> Connection:
-        """Connect to `address` within `timeout` seconds (None: the OS limit).
+        """Connect to `address` within `timeout` seconds (None or
+        ``float("inf")``: the OS limit).
 
         Raises DialTimeoutError when the time runs out, ConnectionRefusedError
         (a ConnectionError) when nobody listens, FileNotFoundError for a
         missing Unix socket path."""
-        timeout = _check_timeout(timeout)
+        timeout = _validate.seconds(timeout, "timeout")
         family, addr = parse_address(network, address)
         deadline = None if timeout is None else time.monotonic() + timeout
         if family == socket.AF_UNIX:

@@ -8,7 +8,8 @@ import time
 from typing import Any, Callable, List, Optional, Set
 
 from netpoll._core.connection import Connection
-from netpoll._core.server import ListenerOperator as Acceptor, accept_connection
+from netpoll import _validate
+from netpoll._core.server import ListenerOperator, accept_connection
 from netpoll.config import _check_runner, runtime
 from netpoll.listener import Listener
 
@@ -17,16 +18,6 @@ __all__ = ["EventLoop"]
 log = logging.getLogger("netpoll")
 
 OnRequest = Callable[[Any, Connection], None]
-
-
-def _timeout(name: str, value: Optional[float]) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None")
-    if value != value or value < 0:
-        raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
-    return float(value)
 
 
 def _callback(name: str, fn: Any, required: bool = False) -> Any:
@@ -65,20 +56,16 @@ class EventLoop:
         self.on_prepare = _callback("on_prepare", on_prepare)
         self.on_connect = _callback("on_connect", on_connect)
         self.on_disconnect = _callback("on_disconnect", on_disconnect)
-        self.read_timeout = _timeout("read_timeout", read_timeout)
-        self.write_timeout = _timeout("write_timeout", write_timeout)
-        self.idle_timeout = _timeout("idle_timeout", idle_timeout)
+        self.read_timeout = _validate.seconds(read_timeout, "read_timeout")
+        self.write_timeout = _validate.seconds(write_timeout, "write_timeout")
+        self.idle_timeout = _validate.seconds(idle_timeout, "idle_timeout")
         self.runner = _check_runner(runner) if runner is not None else None
-        if input_limit is not None and (isinstance(input_limit, bool)
-                                        or not isinstance(input_limit, int)):
-            raise TypeError("input_limit must be an int or None")
-        if input_limit is not None and input_limit < 0:
-            raise ValueError("input_limit must be >= 0")
-        self.input_limit = input_limit or 0
+        # 0 and None: no limit.
+        self.input_limit = _validate.size(input_limit, "input_limit", none_ok=True) or 0
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._conns: Set[Connection] = set()
-        self._acceptors: List[Acceptor] = []
+        self._acceptors: List[ListenerOperator] = []
         self._listeners: List[Listener] = []
         self._stopped = threading.Event()
         self._shutting_down = False
@@ -124,7 +111,7 @@ class EventLoop:
         if (self.runner or rt.runner) == "pool":
             rt.get_pool()
         fd = os.dup(listener.fileno())
-        acceptor = Acceptor(fd, rt.pick(), self)
+        acceptor = ListenerOperator(fd, rt.pick(), self)
         with self._lock:
             self._acceptors.append(acceptor)
             self._listeners.append(listener)
@@ -136,7 +123,7 @@ class EventLoop:
         Returns once every connection is closed; if `timeout` seconds pass
         first, the remaining connections are closed at once and TimeoutError
         is raised. serve() returns None after this."""
-        timeout = _timeout("timeout", timeout)
+        timeout = _validate.seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._shutting_down = True

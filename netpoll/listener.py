@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 from typing import Any, Optional, Tuple, Union
 
+from netpoll import _validate
+
 __all__ = ["Listener", "create_listener", "parse_address"]
 
 Address = Union[Tuple[str, int], str]
+
+# listen(2) takes a C int (the kernel then caps it at net.core.somaxconn).
+_MAX_BACKLOG = 2 ** 31 - 1
+# A port written in an address string: plain ASCII decimal digits, nothing
+# int() would also forgive (" 80", "+80", "8_0", "٨٠").
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 
 _FAMILIES = {
     "tcp": socket.AF_UNSPEC,
@@ -44,16 +53,14 @@ def parse_address(network: str, address: Any) -> Tuple[int, Any]:
             raise ValueError(f"address {address!r} lacks a port (host:port)")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise ValueError(f"invalid port in {address!r}") from None
+        if not _PORT_DIGITS.fullmatch(port_s):
+            raise ValueError(f"invalid port in {address!r}: decimal digits 0..65535 expected")
+        port = int(port_s)
     else:
         raise TypeError("address must be 'host:port' or a (host, port) tuple")
     if not isinstance(host, str):
         raise TypeError("host must be a str")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"invalid port {port!r}")
+    port = _validate.size(port, "port", maximum=65535)
     return _FAMILIES[network], (host, port)
 
 
@@ -78,11 +85,7 @@ class Listener:
         if self._sock.fileno() >= 0:
             self._sock.close()
             if self._unix_path is not None:
-                try:
-                    if stat.S_ISSOCK(os.lstat(self._unix_path).st_mode):
-                        os.unlink(self._unix_path)
-                except OSError:
-                    pass
+                _unlink_unix_socket(self._unix_path)
 
     def _stop_listening(self) -> None:
         try:
@@ -104,6 +107,52 @@ class Listener:
         return f"<Listener {self.network} {self.addr!r}{' closed' if self.closed else ''}>"
 
 
+def _bind_unix(path: str, backlog: int, mode: int = 0o600, rcvbuf: int = 0) -> socket.socket:
+    """A listening, non-blocking Unix stream socket bound to `path`: the one
+    Unix binder of the library (create_listener and the Reactor's Acceptor).
+
+    A stale socket file at `path` is removed first, never following a
+    symlink; any other kind of file there is an error (FileExistsError). The
+    socket file is created with permissions `mode` (the umask is narrowed
+    around bind() so it is never more open than that, then chmod sets it
+    exactly). `rcvbuf` > 0 sets SO_RCVBUF. Arguments are checked by the
+    callers."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path!r} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink_unix_socket(path: str) -> None:
+    """Remove the socket file of a closed Unix listener, if a socket is still
+    there (never a symlink or another kind of file); errors are ignored."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def create_listener(network: str, address: Any, *, backlog: int = 1024,
                     reuse_port: bool = False, mode: int = 0o600) -> Listener:
     """Bind and listen on `address`.
@@ -112,34 +161,14 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
     For "unix" a stale socket file at the path is removed first (never
     following a symlink; any other kind of file is an error) and the new
     socket file gets permissions `mode` (default 0o600: owner only).
+    A port in an address string is plain decimal digits; backlog is an int
+    in 0..2**31-1, mode in 0..0o777 (else TypeError or ValueError).
     """
     family, addr = parse_address(network, address)
-    if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 0:
-        raise ValueError("backlog must be an int >= 0")
+    backlog = _validate.size(backlog, "backlog", maximum=_MAX_BACKLOG)
+    mode = _validate.size(mode, "mode", maximum=0o777)
     if family == socket.AF_UNIX:
-        path = addr
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise FileExistsError(f"{path!r} exists and is not a socket")
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            old = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            os.chmod(path, mode)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return Listener(sock, network, path)
+        return Listener(_bind_unix(addr, backlog, mode), network, addr)
     host, port = addr
     infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
                                socket.AI_PASSIVE)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
 import threading
 from typing import Any, Callable, List, Optional, Set, Tuple
 
+from netpoll import _validate
 from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     EV_ET,
     EV_IN,
@@ -24,8 +24,8 @@ from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     Reactor,
     conn_error,
 )
-from netpoll._core.server import ListenerOperator as _ListenOp
-from netpoll.listener import parse_address
+from netpoll._core.server import ListenerOperator
+from netpoll.listener import _bind_unix, _unlink_unix_socket, parse_address
 
 __all__ = [
     "Reactor",
@@ -41,6 +41,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("netpoll")
+
+# setsockopt(2) and listen(2) take a C int.
+_INT_MAX = 2 ** 31 - 1
+# Bounds of a ConnectPool: more handlers than a process has descriptors is absurd.
+_MAX_POOL = 1 << 20
 
 
 def _split(address: Any) -> Tuple[int, Any]:
@@ -85,7 +90,10 @@ class Acceptor:
     (``add_ev_handler(..., poller=i)``). Without it, one listening socket on
     poller 0 and the accepted connections are spread round-robin over the
     pollers. Accept runs without the GIL; when the process is out of file
-    descriptors the listener pauses ~50 ms instead of spinning.
+    descriptors the listener pauses ~50 ms instead of spinning. A Unix
+    socket file is created as by ``create_listener`` (a stale socket file
+    is replaced, never a symlink or another file; permissions 0o600).
+    backlog and rcvbuf (0: the system's) are ints in 0..2**31-1.
     """
 
     def __init__(self, reactor: Reactor, address: Any, factory: Callable[[], EvHandler],
@@ -97,15 +105,12 @@ class Acceptor:
         for name, v in (("reuse_port", reuse_port), ("reuse_addr", reuse_addr)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool")
-        for name, n in (("backlog", backlog), ("rcvbuf", rcvbuf)):
-            if isinstance(n, bool) or not isinstance(n, int):
-                raise TypeError(f"{name} must be an int")
-            if n < 0:
-                raise ValueError(f"{name} must be >= 0")
+        backlog = _validate.size(backlog, "backlog", maximum=_INT_MAX)
+        rcvbuf = _validate.size(rcvbuf, "rcvbuf", maximum=_INT_MAX)
         family, addr = _split(address)
         self._reactor = reactor
         self._factory = factory
-        self._ops: List[_ListenOp] = []
+        self._ops: List[ListenerOperator] = []
         self._unix_path: Optional[str] = None
         self._rr = 0
         self._lock = threading.Lock()
@@ -121,32 +126,14 @@ class Acceptor:
         self._spread = len(socks) == 1 and reactor.poll_num > 1
         for i, s in enumerate(socks):
             fd = s.detach()
-            self._ops.append(_ListenOp(fd, reactor._poller(i), _Sink(self, i)))
+            self._ops.append(ListenerOperator(fd, reactor._poller(i), _Sink(self, i)))
 
     def _listen(self, family: int, addr: Any, reuse_port: bool, reuse_addr: bool,
                 backlog: int, rcvbuf: int, n: int) -> List[socket.socket]:
         if family == socket.AF_UNIX:
-            path = addr
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                pass
-            else:
-                if not stat.S_ISSOCK(st.st_mode):
-                    raise FileExistsError(f"{path!r} exists and is not a socket")
-                os.unlink(path)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                if rcvbuf:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-                s.bind(path)
-                s.listen(backlog)
-                s.setblocking(False)
-            except BaseException:
-                s.close()
-                raise
-            self._unix_path = path
-            self.addr: Any = path
+            s = _bind_unix(addr, backlog, rcvbuf=rcvbuf)
+            self._unix_path = addr
+            self.addr: Any = addr
             return [s]
         host, port = addr
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
@@ -218,11 +205,7 @@ class Acceptor:
             op.close(wait)
         self._reactor._unregister_acceptor(self)
         if self._unix_path is not None:
-            try:
-                if stat.S_ISSOCK(os.lstat(self._unix_path).st_mode):
-                    os.unlink(self._unix_path)
-            except OSError:
-                pass
+            _unlink_unix_socket(self._unix_path)
 
     @property
     def num_listeners(self) -> int:
@@ -249,15 +232,12 @@ class Connector:
 
     def connect(self, address: Any, handler: EvHandler, timeout: Optional[float] = None) -> None:
         """Start connecting `handler` to `address` ("host:port", (host, port)
-        or "unix:/path"); returns at once. `timeout` in seconds (None: the
-        kernel's). Name resolution, if the host is not numeric, blocks."""
+        or "unix:/path"); returns at once. `timeout` in seconds, > 0 (None or
+        ``float("inf")``: the kernel's). Name resolution, if the host is not
+        numeric, blocks."""
         if not isinstance(handler, EvHandler):
             raise TypeError(f"handler must be an EvHandler, not {type(handler).__name__}")
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError("timeout must be a number of seconds or None")
-            if not timeout > 0 or timeout != timeout or timeout == float("inf"):
-                raise ValueError("timeout must be a finite number of seconds > 0")
+        timeout = _validate.seconds(timeout, "timeout", zero_ok=False)
         family, addr = _split(address)
         if family == socket.AF_UNIX:
             fam, sockaddr = socket.AF_UNIX, addr
@@ -291,7 +271,8 @@ class ConnectPool:
     connecting). ``acquire()`` lends an idle handler (or returns None when
     none is idle: the pool refills in the background); ``release(h)`` gives
     it back. A handler that closes leaves the pool and is replaced; failed
-    connects are retried after `retry_interval` seconds.
+    connects are retried after `retry_interval` seconds (> 0, finite);
+    `timeout` is each connect's, as for ``Connector.connect``.
     """
 
     def __init__(self, connector: Connector, address: Any, factory: Callable[[], EvHandler],
@@ -301,15 +282,15 @@ class ConnectPool:
             raise TypeError("connector must be a netpoll.Connector")
         if not callable(factory):
             raise TypeError("factory must be callable")
-        for name, v in (("min_idle", min_idle), ("max_live", max_live),
-                        ("refill_batch", refill_batch)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int")
-        if min_idle < 0 or max_live < 1 or refill_batch < 1 or min_idle > max_live:
-            raise ValueError("need 0 <= min_idle <= max_live, max_live >= 1, refill_batch >= 1")
-        if isinstance(retry_interval, bool) or not isinstance(retry_interval, (int, float)) \
-                or not retry_interval > 0:
-            raise ValueError("retry_interval must be a number of seconds > 0")
+        min_idle = _validate.size(min_idle, "min_idle", maximum=_MAX_POOL)
+        max_live = _validate.size(max_live, "max_live", minimum=1, maximum=_MAX_POOL)
+        refill_batch = _validate.size(refill_batch, "refill_batch", minimum=1,
+                                      maximum=_MAX_POOL)
+        if min_idle > max_live:
+            raise ValueError(f"min_idle ({min_idle}) must be <= max_live ({max_live})")
+        timeout = _validate.seconds(timeout, "timeout", zero_ok=False)
+        retry_interval = _validate.seconds(retry_interval, "retry_interval", none_ok=False,
+                                           inf_ok=False, zero_ok=False)
         _split(address)
         self._connector = connector
         self._address = address

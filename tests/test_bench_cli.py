@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,21 @@ def test_client_rejects_a_bad_target():
     p = run_module("client", "no-port-here", timeout=30)
     assert p.returncode != 0
     assert "HOST:PORT" in p.stderr
+
+
+def test_load_generator_lives_in_the_bench_package_not_the_core():
+    import netpoll
+    pkg = Path(netpoll.__file__).resolve().parent
+    p = run_module("client", "--check", timeout=30)
+    assert p.returncode == 0, p.stderr[-2000:]
+    where = Path(p.stdout.strip()).resolve()
+    assert where.parent == pkg / "bench" and where.name.startswith("_loadgen."), where
+    assert not [f.name for f in (pkg / "_core").iterdir() if f.name.startswith("loadgen")]
+
+
+def test_importing_the_library_imports_no_bench_or_test_code():
+    code = ("import sys, netpoll, netpoll.reactor; print(sorted(m for m in sys.modules "
+            "if m.startswith(('netpoll.bench', 'netpoll._core.testing'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

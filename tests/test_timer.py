@@ -1,4 +1,5 @@
-"""Tests of netpoll._core.timer: the 4-ary timer heap and its TimerHeap wrapper.
+"""Tests of netpoll._core.timer: the 4-ary timer heap, through the TimerHeap wrapper
+of netpoll._core.testing.
 
 The stateful test compares TimerHeap step by step with a reference model built
 on ``heapq`` (ordered by (when, seq), lazy deletion) and checks the heap's
@@ -23,7 +24,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from netpoll._core.timer import TimerHeap, _selftest_c_api, monotonic_ns
+from netpoll._core.testing import TimerHeap, _selftest_c_api, monotonic_ns
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -561,3 +562,11 @@ def test_check_invariants_passes_on_fresh_heap():
     heap = TimerHeap()
     heap.check_invariants()
     assert len(heap) == 0 and heap.peek() is None and heap.pop_expired(INT64_MAX) == []
+
+
+def test_timer_module_ships_only_the_heap():
+    # The Python wrapper and the self-test are test scaffolding: they live in
+    # netpoll._core.testing, and the core's timer module exposes nothing.
+    from netpoll._core import timer
+    names = sorted(n for n in vars(timer) if not (n.startswith("__") and n.endswith("__")))
+    assert names == [], names

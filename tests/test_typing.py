@@ -18,8 +18,12 @@ import netpoll
 
 PKG = Path(netpoll.__file__).resolve().parent
 CORE = PKG / "_core"
+BENCH = PKG / "bench"
 HERE = Path(__file__).resolve().parent
-MODULES = sorted(p.stem for p in CORE.glob("*.pyi"))
+# Compiled modules with a stub: the core's, and the bench package's load generator.
+STUBS = {f"netpoll._core.{p.stem}": p for p in CORE.glob("*.pyi")}
+STUBS.update({f"netpoll.bench.{p.stem}": p for p in BENCH.glob("*.pyi")})
+MODULES = sorted(STUBS)
 
 # Names that exist only in the stubs (type aliases) or only at run time
 # (Cython internals).
@@ -28,7 +32,7 @@ RUNTIME_ONLY = {"__test__", "__pyx_capi__"}
 
 
 def _stub(module: str) -> ast.Module:
-    return ast.parse((CORE / f"{module}.pyi").read_text())
+    return ast.parse(STUBS[module].read_text())
 
 
 def _stub_names(tree: ast.Module) -> Dict[str, Set[str]]:
@@ -60,17 +64,17 @@ def _stub_names(tree: ast.Module) -> Dict[str, Set[str]]:
     return out
 
 
-def test_every_core_module_has_a_stub() -> None:
-    built = {p.name.split(".")[0] for p in CORE.iterdir()
-             if p.suffix in (".so", ".pyd") or p.name.endswith(".pyx")}
-    assert built, "no compiled modules found next to the stubs"
+def test_every_compiled_module_has_a_stub() -> None:
+    built = {f"netpoll.{d.name}.{p.name.split('.')[0]}" for d in (CORE, BENCH)
+             for p in d.iterdir() if p.suffix in (".so", ".pyd") or p.name.endswith(".pyx")}
+    assert "netpoll.bench._loadgen" in built, "the load generator is not built"
     assert built <= set(MODULES), f"modules without a .pyi stub: {sorted(built - set(MODULES))}"
     assert (PKG / "py.typed").is_file()
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_stub_matches_module(module: str) -> None:
-    mod = importlib.import_module(f"netpoll._core.{module}")
+    mod = importlib.import_module(module)
     stub = _stub_names(_stub(module))
     runtime = {n for n in vars(mod) if not (n.startswith("__") and n.endswith("__"))}
     runtime -= RUNTIME_ONLY
@@ -79,9 +83,9 @@ def test_stub_matches_module(module: str) -> None:
               and not isinstance(getattr(mod, n), types.ModuleType)
               and getattr(getattr(mod, n), "__module__", mod.__name__) == mod.__name__}
     missing = sorted(public - set(stub))
-    assert not missing, f"netpoll._core.{module}: not in the stub: {missing}"
+    assert not missing, f"{module}: not in the stub: {missing}"
     extra = sorted(set(stub) - runtime - STUB_ONLY)
-    assert not extra, f"netpoll._core.{module}.pyi describes names the module lacks: {extra}"
+    assert not extra, f"{module}.pyi describes names the module lacks: {extra}"
     for cls_name, members in stub.items():
         cls = getattr(mod, cls_name, None)
         if not isinstance(cls, type):

@@ -53,10 +53,11 @@ cdef np_timer_t *timer_heap_pop_expired(np_timer_heap_t *h, int64_t now) noexcep
 cdef int timer_heap_timeout_ms(np_timer_heap_t *h, int64_t now, int max_ms) noexcept nogil
 
 
-cdef class TimerHeap:
-    # Python-visible wrapper that owns its timers; see timer.pyx.
-    cdef np_timer_heap_t _heap
-    # handle -> (timer address as int, payload): the only path from a handle
-    # to memory, so a stale or forged handle can never reach a freed timer.
-    cdef dict _handles
-    cdef uint64_t _next_handle
+# The heap's shape and order, shared with its checker (netpoll/_core/testing.pyx):
+# children of slot i are at ARITY*i+1 .. ARITY*i+ARITY, the parent of i at (i-1)/ARITY.
+cdef enum:
+    TIMER_HEAP_ARITY = 4
+
+# Strict (when, seq) order; seq values are unique, so no two timers tie.
+cdef inline bint timer_before(const np_timer_t *a, const np_timer_t *b) noexcept nogil:
+    return a.when < b.when or (a.when == b.when and a.seq < b.seq)

@@ -7,7 +7,7 @@
 Every connection does ping-pong (or keeps ``--pipeline`` requests in flight),
 every echoed byte is verified, latencies go into a histogram. Prints the result
 as one JSON object on stdout (``--pretty`` to indent it). The measurement runs
-in C with the GIL released (netpoll/_core/loadgen.pyx); the driver
+in C with the GIL released (netpoll/bench/_loadgen.pyx); the driver
 (``python -m netpoll.bench``) runs this file as a script.
 """
 import argparse
@@ -17,8 +17,7 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGE = os.path.dirname(HERE)          # netpoll/
+HERE = os.path.dirname(os.path.abspath(__file__))   # netpoll/bench/
 
 
 def _built_with_asan(path):
@@ -29,39 +28,38 @@ def _built_with_asan(path):
         return False
 
 
+BUILD_HINT = ("`python setup.py build_ext --inplace` (or `cythonize -i -3 "
+              "netpoll/bench/_loadgen.pyx`) in the repository root, or pip install the project")
+
+
 def load_loadgen():
-    """Load netpoll._core.loadgen from the package this file belongs to.
+    """Load netpoll.bench._loadgen from the package this file belongs to.
 
     The extension file is loaded directly, without importing the ``netpoll``
     package: its ``__init__`` imports the whole core, which may be mid-edit or
     built with a sanitizer, and the load generator needs none of it. Falls
     back to a normal import.
     """
-    core = os.path.join(PACKAGE, "_core")
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = os.path.join(core, "loadgen" + suffix)
+        path = os.path.join(HERE, "_loadgen" + suffix)
         if not os.path.exists(path):
             continue
         if _built_with_asan(path) and "asan" not in os.environ.get("LD_PRELOAD", ""):
             raise SystemExit(
                 f"{path} was built with AddressSanitizer (NETPOLL_SANITIZE): preload the ASan "
-                "runtime (LD_PRELOAD, as .ci/asan does) or rebuild it without, "
-                "e.g. `cythonize -i -3 netpoll/_core/loadgen.pyx` in the repository root")
-        loader = importlib.machinery.ExtensionFileLoader("netpoll._core.loadgen", path)
-        spec = importlib.util.spec_from_file_location("netpoll._core.loadgen", path, loader=loader)
+                "runtime (LD_PRELOAD, as .ci/asan does) or rebuild it without: " + BUILD_HINT)
+        loader = importlib.machinery.ExtensionFileLoader("netpoll.bench._loadgen", path)
+        spec = importlib.util.spec_from_file_location("netpoll.bench._loadgen", path,
+                                                      loader=loader)
         mod = importlib.util.module_from_spec(spec)
         loader.exec_module(mod)
         return mod
     try:
-        from netpoll._core import loadgen  # type: ignore
-        return loadgen
+        from netpoll.bench import _loadgen  # type: ignore
+        return _loadgen
     except ImportError:
         pass
-    raise SystemExit(
-        "netpoll._core.loadgen is not built: run "
-        "`cythonize -i -3 netpoll/_core/loadgen.pyx` in the repository root "
-        "(or pip install the project)"
-    )
+    raise SystemExit("netpoll.bench._loadgen is not built: run " + BUILD_HINT)
 
 
 def parse_target(target):

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Native load generator for netpoll's side-by-side benchmarks (``bench/``).
+"""Native load generator for netpoll's side-by-side benchmarks (``python -m netpoll.bench``).
 
 The whole measurement runs in C without the GIL: every worker thread owns an
 epoll fd and a slice of the connections (non-blocking sockets, level-triggered
@@ -634,7 +634,7 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     ping-pong). The first ``warmup`` seconds (connects included) are not counted;
     then ``duration`` seconds are measured. The GIL is released for the whole run.
     ``notify_fd``, if >= 0, receives one byte ``b"S"`` when the measured window
-    starts and ``b"E"`` when it ends (used by bench/run_bench.py to sample the
+    starts and ``b"E"`` when it ends (used by netpoll/bench/driver.py to sample the
     server's CPU time over exactly that window). ``spin=True`` polls epoll with a
     zero timeout instead of sleeping: the generator never waits to be woken up,
     which takes its own wake-up latency out of the round trip (useful when it
