@@ -862,10 +862,13 @@ cdef class EvHandler(Operator):
             self.rp.handlers.pop(id(self), None)
         self.rp = rp
         self._reactor = rp.reactor_ref
-        with nogil:
-            pthread_mutex_lock(&c.lock)
-            c.poller = p
-            pthread_mutex_unlock(&c.lock)
+        if self.fdstate == FD_NONE:
+            c.poller = p       # no fd, in no poll set: no locked path reads it
+        else:
+            with nogil:        # a move: writers may be in _apply_locked
+                pthread_mutex_lock(&c.lock)
+                c.poller = p
+                pthread_mutex_unlock(&c.lock)
         rp.handlers[id(self)] = self
         return 0
 
@@ -876,10 +879,7 @@ cdef class EvHandler(Operator):
             self.rp.handlers.pop(id(self), None)
         self.rp = None
         self._reactor = None
-        with nogil:
-            pthread_mutex_lock(&c.lock)
-            c.poller = NULL
-            pthread_mutex_unlock(&c.lock)
+        c.poller = NULL        # fdstate is FD_NONE again: see _bind
         return 0
 
     cdef int _watch(self, int fd, bint new_fd) except -1:
