@@ -17,11 +17,17 @@ import netpoll
 from reactorutil import running, wait_until  # noqa: F401
 
 
-def run_script(script: str, timeout: float = 60) -> str:
+# The scripts import the same netpoll as these tests, wherever it lives.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (os.path.dirname(os.path.dirname(os.path.abspath(netpoll.__file__))),
+                os.environ.get("PYTHONPATH")) if p))
+
+
+def run_script(script: str, *args: str, timeout: float = 60) -> str:
     """Run `script` in a fresh interpreter (a crash or a hang fails the test
     instead of killing pytest); its stdout."""
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=timeout, cwd=os.getcwd())
+    p = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                       timeout=timeout, env=ENV)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stderr[-3000:]}"
     return p.stdout
 
@@ -308,7 +314,5 @@ MOVE_REQUESTS = textwrap.dedent("""
 
 @pytest.mark.parametrize("kind", ["flush", "close"])
 def test_requests_queued_before_a_move_run_on_the_new_poller(kind):
-    p = subprocess.run([sys.executable, "-c", MOVE_REQUESTS, kind], capture_output=True,
-                       text=True, timeout=30, cwd=os.getcwd())
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split() == ["True"] * 4, p.stdout
+    out = run_script(MOVE_REQUESTS, kind, timeout=30)
+    assert out.split() == ["True"] * 4, out
