@@ -869,7 +869,8 @@ cdef class EvHandler(Operator):
                 pthread_mutex_lock(&c.lock)
                 c.poller = p
                 pthread_mutex_unlock(&c.lock)
-        rp.handlers[id(self)] = self
+        if not self.closed:    # a failed move rolled back after a close
+            rp.handlers[id(self)] = self
         return 0
 
     cdef int _unbind(self) except -1:
