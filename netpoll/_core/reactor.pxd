@@ -1,6 +1,7 @@
 # goev's Reactor on netpoll's pollers: EvHandler objects whose callbacks run
 # on the poller thread that owns them (see reactor.pyx for the guarantees).
 
+from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from netpoll._core.poller cimport Operator, Poller, np_op_t
 from netpoll._core.timer cimport np_timer_t
@@ -16,6 +17,24 @@ cdef struct np_utimer_t:
     uint64_t tid
     void *handler              # borrowed EvHandler; NULL once the handler closed (orphan)
     int internal               # 1: a Connector's connect timeout (no on_timeout)
+
+
+# A completion callback of async_write: called once with None when the bytes
+# up to `target` (a queued_total) were sent, else with the close's error.
+# Linked under the handler's op.lock in the same critical section that
+# accepts the data, so a close (which unlinks the whole list under that lock)
+# sees every callback of every write it did not refuse.
+cdef struct np_wcb_t:
+    np_wcb_t *next
+    uint64_t target
+    PyObject *cb               # strong reference, dropped (GIL) after the call
+
+
+# EvHandler.fdstate, changed under op.lock.
+cdef enum:
+    FD_NONE = 0                # no fd owned yet: writes refused (RuntimeError)
+    FD_OWNED = 1               # owns op.fd: writes accepted
+    FD_DONE = 2                # closing or closed: writes refused (ConnectionClosedError)
 
 
 # Per-poller control block: an operator without an fd (CTL_KIND) whose
@@ -65,7 +84,9 @@ cdef class EvHandler(Operator):
     cdef bint above_high
     cdef dict _timers          # tid -> np_utimer_t address (poller thread only)
     cdef set _cancelled        # tids cancelled (any thread), pending the poller
-    cdef list _wcb             # [target_total, callback] of async_write (GIL-protected)
+    cdef int fdstate           # FD_* (op.lock)
+    cdef np_wcb_t *wcb_head    # async_write callbacks in target order (op.lock)
+    cdef np_wcb_t *wcb_tail
     cdef uint64_t queued_total # bytes ever accepted by write/async_write
     cdef uint64_t sent_total   # bytes ever sent
     cdef Py_ssize_t high_wm
@@ -77,11 +98,14 @@ cdef class EvHandler(Operator):
     cdef public object _pool   # ConnectPool bookkeeping (netpoll.reactor)
 
     cdef int _bind(self, _ReactorPoller rp) except -1
+    cdef int _unbind(self) except -1
+    cdef int _watch(self, int fd, bint new_fd) except -1
+    cdef int _call_wcbs(self, np_wcb_t *lst, object err, uint64_t sent) except -1
     cdef int _sync_mask(self) except -1
     cdef int _dispatch(self, uint32_t ev) except -1
     cdef int _flush(self) except -1
     cdef int _check_high(self) except -1
-    cdef int _after_progress(self) except -1
+    cdef int _after_progress(self, np_wcb_t *done) except -1
     cdef int _close(self, object err) except -1
     cdef int _callback(self, object cb, str name, bint blocking_ok) except -1
     cdef int _connect_failed(self, object exc) except -1

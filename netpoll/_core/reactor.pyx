@@ -10,7 +10,16 @@
 # Every callback of a handler runs on the poller thread it is bound to, so a
 # handler's Python state needs no lock. Other threads reach a poller through
 # its control operator: they append a request to `xq` and submit T_CALL,
-# which puts the control operator in the next GIL phase.
+# which puts the control operator in the next GIL phase. A request
+# runs on the poller that owns its handler when it runs: one queued before
+# the handler moved (add_ev_handler(..., poller=j) in on_open) is re-posted
+# to the new owner, never executed on the old poller's thread.
+#
+# Fd ownership: a handler owns its fd from a successful add_ev_handler(),
+# _attach() or _connect() until _fd_close() closes it (see there); a failed
+# add_ev_handler() takes nothing. fdstate (under op.lock) says whether writes
+# are accepted; a close flips it and takes the async_write callbacks in the
+# same critical section, so each accepted write is reported exactly once.
 #
 # Timers are np_utimer_t in the poller's own 4-ary heap (kind TM_USER); they
 # are created, fired and freed on the poller thread only, so a cancel from
@@ -20,23 +29,23 @@
 # the connection's output LinkBuffer and sent by the poller with sendmsg
 # (many iovecs) on EPOLLOUT. The connection lock orders writers of any thread
 # and is only ever taken without the GIL (a thread holding it never waits
-# for the GIL), and never across a blocking call (sockets are non-blocking).
+# for the GIL), and never across a blocking call (add_ev_handler sets
+# O_NONBLOCK; accepted and connecting sockets are non-blocking already).
 
 import collections
 import errno as _errno
 import logging
-import math
 import os
 import threading
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
-from cpython.ref cimport PyObject
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from netpoll._core.includes.system cimport (
-    pthread_mutex_destroy, np_atomic_load_uint,
+    close,    pthread_mutex_destroy, np_atomic_load_uint,
     errno, EAGAIN, EWOULDBLOCK, EINTR,
     EINPROGRESS,
     pthread_mutex_lock, pthread_mutex_unlock,
@@ -49,12 +58,14 @@ from netpoll._core.poller cimport (
     np_poller_timer_push, np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
 )
 from netpoll._core.sockio cimport np_recv, np_send, np_send_lb
-from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_push, timer_heap_remove
+from netpoll._core.timer cimport (np_timer_t, np_timer_heap_t, timer_init, timer_heap_push,
+                                  timer_heap_remove)
 from netpoll._core.linkbuffer cimport (
     np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_lb_new, np_lb_readable,
     np_lb_reserve, np_lb_commit, np_lb_clear, np_lb_free,
 )
 
+from netpoll._validate import seconds_ns
 from netpoll.errors import ConnectionClosedError, DialTimeoutError
 
 log = logging.getLogger("netpoll")
@@ -65,7 +76,11 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOL_SOCKET, SO_ERROR
 
 cdef extern from "<errno.h>" nogil:
-    int EALREADY, ECONNREFUSED, ETIMEDOUT
+    int EALREADY, ECONNREFUSED, ETIMEDOUT, EBADF, EPERM, EEXIST
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int F_GETFL, F_SETFL, O_NONBLOCK
 
 # Event masks (goev's EvIn, EvOut, EvInET, EvOutET).
 EV_IN = NP_EV_READ
@@ -79,6 +94,9 @@ cdef enum:
     TM_USER = 4                # np_timer_t.kind of handler timers
     OUT_CHUNK = 16384
     MAX_READ_BUFFER = 64 << 20
+    FD_MAX = 0x7fffffff
+
+cdef uint64_t ALL_WCBS = 0xffffffffffffffffULL   # _wcb_take: every callback
 
 cdef uint64_t g_next_tid = 0     # timer ids: distinct for the whole process (GIL)
 
@@ -92,20 +110,6 @@ cdef inline uint64_t _new_tid():
     global g_next_tid
     g_next_tid += 1
     return g_next_tid
-
-
-cdef int64_t _seconds_ns(object v, str what, bint allow_zero) except -1:
-    """A non-negative finite number of seconds as nanoseconds (rounded up,
-    so that a timer never fires early)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(v).__name__}")
-    f = float(v)
-    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
-        raise ValueError(f"{what} must be a finite number of seconds "
-                         f"{'>= 0' if allow_zero else '> 0'}, got {v!r}")
-    if f > 1e9:
-        raise ValueError(f"{what} is too large: {v!r}")
-    return <int64_t>math.ceil(f * 1e9)
 
 
 cdef int _check_events(object events) except -1:
@@ -128,6 +132,54 @@ def conn_error(int e, object addr):
     return exc
 
 # ------------------------------------------------------------ nogil helpers
+
+cdef void _fd_close(np_handler_t *c, int fd) noexcept nogil:
+    """Close a descriptor the Reactor owns: the only close() of this module.
+
+    Ownership rule: an EvHandler owns its fd from a successful
+    add_ev_handler(), _attach() (an accepted fd) or _connect() (a connecting
+    socket) until this function closes it, once: at the end of _close() or
+    _connect_failed(), or in __dealloc__ for a handler that never closed. A
+    failed add_ev_handler() takes nothing: the caller keeps its fd. An fd
+    given to _attach()/_connect() that no handler adopts (reactor stopping,
+    handler in use) is the Reactor's, and is closed here at once (c NULL).
+
+    With c (fd is then ignored) the operator's fd goes through np_op_close_fd
+    (poller.pxd has the library-wide rule: identity check, poll-set removal,
+    OF_FD_CLOSED before the number can be reused)."""
+    if c != NULL:
+        np_op_close_fd(&c.op, NULL)
+    elif fd >= 0:
+        close(fd)       # adopted by no operator: in no poll set
+
+
+cdef int _set_nonblock(int fd) noexcept nogil:
+    """O_NONBLOCK on fd: 0 or errno."""
+    cdef int fl = fcntl(fd, F_GETFL, 0)
+    if fl < 0:
+        return errno
+    if not (fl & O_NONBLOCK) and fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0:
+        return errno
+    return 0
+
+
+cdef np_wcb_t *_wcb_take(np_wcb_t **head, np_wcb_t **tail, uint64_t upto) noexcept nogil:
+    """Unlink the callbacks whose target <= upto (op.lock held); the list is
+    in target order, so they are a prefix. Returns them, NULL-terminated."""
+    cdef np_wcb_t *first = head[0]
+    cdef np_wcb_t *last = NULL
+    cdef np_wcb_t *n = first
+    while n != NULL and n.target <= upto:
+        last = n
+        n = n.next
+    if last == NULL:
+        return NULL
+    head[0] = n
+    if n == NULL:
+        tail[0] = NULL
+    last.next = NULL
+    return first
+
 
 cdef int _lb_append(np_handler_t *c, const char *p, size_t n) noexcept nogil:
     """Copy n bytes to the output buffer (lock held): 0 or -1 (ENOMEM)."""
@@ -166,6 +218,12 @@ cdef int _apply_locked(np_handler_t *c, uint32_t want) noexcept nogil:
     if c.op.fd < 0 or c.op.poller == NULL:
         return 0
     return np_op_set_interest_locked(&c.op, want)
+
+
+cdef inline np_timer_heap_t *_heap_of(np_utimer_t *u) noexcept nogil:
+    """The heap u was pushed into: its poller's (u.t.data is that poller's
+    control block). Only that poller's thread may touch it."""
+    return &(<rp_ctl_t *>u.t.data).op.poller.timers
 
 
 cdef np_op_kind_t CTL_KIND
@@ -307,6 +365,8 @@ cdef class _ReactorPoller(Operator):
         return 0
 
     cdef int _drain_fired(self, int64_t now) except -1:
+        # Timers live in this poller's heap and a handler with timers cannot
+        # move (add_ev_handler refuses), so each fired one is this poller's.
         cdef np_utimer_t *u = self.ctl.fired_head
         cdef np_utimer_t *nxt
         cdef EvHandler h
@@ -330,33 +390,39 @@ cdef class _ReactorPoller(Operator):
     cdef int _handle(self, object item) except -1:
         cdef EvHandler h
         kind = item[0]
-        if kind == "flush":
+        if kind in _HANDLER_REQUESTS:
             h = item[1]
+            if h.rp is not self:
+                # Queued before the handler moved to another poller (or before
+                # a failed add_ev_handler unbound it). Only its owner's thread
+                # may touch its timers and state: hand the request over.
+                if h.rp is not None:
+                    h.rp._post(item)
+                elif kind == "flush":
+                    h.flush_posted = False     # the next flush must be posted again
+                elif kind == "timer":
+                    h._cancelled.discard(item[2])
+                return 0
+        if kind == "flush":
             h.flush_posted = False
             if not h.closed:
                 h._flush()
         elif kind == "timer":
-            h = item[1]
             tid = item[2]
             if h.closed or tid in h._cancelled or (item[5] and not h.connecting):
                 h._cancelled.discard(tid)
             else:
                 h._add_timer(item[3], item[4], item[5], tid)
         elif kind == "cancel":
-            h = item[1]
             h._cancel_local(item[2])
         elif kind == "close":
-            h = item[1]
             h._close(item[2])
         elif kind == "open":
-            h = item[1]
             _open(h)
         elif kind == "connected":
-            h = item[1]
             if h.connecting and not h.closed:
                 h._finish_connect(NP_EV_WRITE)
         elif kind == "connect_fail":
-            h = item[1]
             h._connect_failed(item[2])
         elif kind == "sync":
             self.pcache[item[1]] = item[2]
@@ -369,6 +435,8 @@ cdef class _ReactorPoller(Operator):
         elif kind == "shutdown":
             self.stopping = True
             for h in list(self.handlers.values()):
+                if h.rp is not self:
+                    continue
                 try:
                     h._close(None)
                 except BaseException:
@@ -389,6 +457,11 @@ cdef class _ReactorPoller(Operator):
             self.rchunk = NULL
 
 
+# Requests that name a handler (item[1]): run on the handler's owner only.
+_HANDLER_REQUESTS = frozenset(("flush", "timer", "cancel", "close", "open", "connected",
+                               "connect_fail"))
+
+
 cdef int _open(EvHandler h) except -1:
     """Call on_open on h's poller; a falsy return (or an exception) closes it."""
     if h.closed:
@@ -397,7 +470,9 @@ cdef int _open(EvHandler h) except -1:
         return 0
     if h._pool is not None:
         h._pool._handler_event(h, "open")
-    if np_lb_readable(h.h.outbuf) > 0:
+    # Output written before or in on_open; if on_open moved the handler, its
+    # new poller sends it (the registration asks for EPOLLOUT while pending).
+    if np_lb_readable(h.h.outbuf) > 0 and h.rp is not None and h.rp._is_current():
         h._flush()
     return 0
 
@@ -444,18 +519,32 @@ cdef class EvHandler(Operator):
         self._reactor = None
         self._timers = {}
         self._cancelled = set()
-        self._wcb = []
         self._pool = None
+        self.fdstate = FD_NONE
+        self.wcb_head = NULL
+        self.wcb_tail = NULL
 
     def __dealloc__(self):
         cdef np_utimer_t *u
+        cdef np_wcb_t *w
+        cdef np_wcb_t *nxt
         if self.op != NULL:
             if self._timers:
                 for addr in self._timers.values():
                     u = <np_utimer_t *><size_t>addr
                     if u.t.index < 0:
                         u.handler = NULL
-            np_op_close_fd(self.op, NULL)
+            w = self.wcb_head           # never closed: nobody can be told any more
+            self.wcb_head = self.wcb_tail = NULL
+            while w != NULL:
+                nxt = w.next
+                Py_DECREF(<object>w.cb)
+                PyMem_RawFree(w)
+                w = nxt
+            if self.fdstate == FD_OWNED:
+                # An open handler is referenced by its poller until it closes,
+                # so its poller (and the poll set) is gone by now: only close.
+                _fd_close(self.h, -1)
             self.op.pyobj = NULL
             np_op_decref(self.op)
             self.op = NULL
@@ -586,7 +675,9 @@ cdef class EvHandler(Operator):
         try:
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
-                if np_lb_readable(c.outbuf) == 0 and c.op.fd >= 0 and not self.connecting:
+                if self.fdstate != FD_OWNED:
+                    st = 1                     # closing (or not added yet)
+                elif np_lb_readable(c.outbuf) == 0 and c.op.fd >= 0 and not self.connecting:
                     while off < n:
                         r = np_send(c.op.fd, <char *>pb.buf + off, n - off)
                         if r >= 0:
@@ -595,16 +686,19 @@ cdef class EvHandler(Operator):
                         if errno != EAGAIN and errno != EWOULDBLOCK:
                             e = errno
                         break
-                if e == 0 and off < n:
+                if st == 0 and e == 0 and off < n:
                     st = _lb_append(c, <char *>pb.buf + off, n - off)
                     if st == 0:
                         want = _want(c, self.umask, self.connecting, self.eof_seen, False)
                         _apply_locked(c, want)
-                qt[0] += (off if (e or st) else n)
-                stt[0] += off
+                if st <= 0:
+                    qt[0] += (off if (e or st) else n)
+                    stt[0] += off
                 pthread_mutex_unlock(&c.op.lock)
         finally:
             PyBuffer_Release(&pb)
+        if st > 0:
+            raise ConnectionClosedError("netpoll: the handler is closed")
         if st < 0:
             raise MemoryError()
         if e:
@@ -619,40 +713,64 @@ cdef class EvHandler(Operator):
         """Queue `data` (copied now) from any thread, in order with write()
         and other async_writes; the poller sends it batched with sendmsg.
 
-        `callback(err)`, if given, is called once on the poller thread:
-        with None when all of `data` was sent, with the exception when the
-        connection closed first. Raises ConnectionClosedError (and does not
-        call the callback) when the handler is already closed."""
+        `callback(err)`, if given, is called exactly once, on the poller
+        thread: with None when all of `data` was sent, with the exception
+        when the connection closed first. Raises ConnectionClosedError (and
+        never calls the callback) when the handler is closed or closing, so
+        the data was not accepted."""
         cdef Py_buffer pb
         cdef np_handler_t *c = self.h
-        cdef int st = 0
-        cdef uint64_t target = 0
+        cdef int st = FD_NONE
+        cdef int ok = 0
+        cdef np_wcb_t *w = NULL
         cdef uint64_t *qt = &self.queued_total
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
         PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
         try:
-            if self.closed:
-                raise ConnectionClosedError("netpoll: the handler is closed")
-            if self.rp is None:
-                raise RuntimeError("netpoll: the handler is not attached to a reactor")
+            if callback is not None:
+                w = <np_wcb_t *>PyMem_RawMalloc(sizeof(np_wcb_t))
+                if w == NULL:
+                    raise MemoryError()
+                w.next = NULL
+                w.target = 0
+                w.cb = <PyObject *>callback
+                Py_INCREF(callback)
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
-                st = _lb_append(c, <char *>pb.buf, <size_t>pb.len)
-                if st == 0:
+                # Accepting the bytes and linking the callback happen in one
+                # critical section, and a close flips fdstate and takes the
+                # list in one too: either the close sees this callback, or
+                # this write sees the close (and is refused).
+                st = self.fdstate
+                if st == FD_OWNED and _lb_append(c, <char *>pb.buf, <size_t>pb.len) == 0:
+                    ok = 1
                     qt[0] += <uint64_t>pb.len
-                target = qt[0]
+                    if w != NULL:
+                        w.target = qt[0]
+                        if self.wcb_tail != NULL:
+                            self.wcb_tail.next = w
+                        else:
+                            self.wcb_head = w
+                        self.wcb_tail = w
+                        w = NULL
                 pthread_mutex_unlock(&c.op.lock)
         finally:
             PyBuffer_Release(&pb)
-        if st < 0:
+            if w != NULL:                  # not accepted: never called
+                Py_DECREF(<object>w.cb)
+                PyMem_RawFree(w)
+        if not ok:
+            if st == FD_DONE:
+                raise ConnectionClosedError("netpoll: the handler is closed")
+            if st == FD_NONE:
+                raise RuntimeError("netpoll: the handler is not attached to a reactor")
             raise MemoryError()
-        if callback is not None:
-            self._wcb.append((target, callback))
-        if not self.flush_posted:
+        rp = self.rp
+        if rp is not None and not self.flush_posted:
             self.flush_posted = True
             try:
-                self.rp._post(("flush", self))
+                (<_ReactorPoller>rp)._post(("flush", self))
             except BaseException:
                 self.flush_posted = False
                 raise
@@ -672,9 +790,10 @@ cdef class EvHandler(Operator):
         """Call on_timeout(timer_id, now) after `delay` seconds, then every
         `interval` seconds (if > 0) while on_timeout returns True. Any thread;
         several timers per handler; returns the timer id (distinct across
-        the process). Never fires early; fires in deadline order."""
-        cdef int64_t d = _seconds_ns(delay, "delay", True)
-        cdef int64_t iv = _seconds_ns(interval, "interval", True)
+        the process). Never fires early; fires in deadline order. Both are
+        finite, 0 <= seconds <= 1e9 (interval 0: one-shot)."""
+        cdef int64_t d = seconds_ns(delay, "delay", none_ok=False, inf_ok=False)
+        cdef int64_t iv = seconds_ns(interval, "interval", none_ok=False, inf_ok=False)
         cdef uint64_t tid
         if self.closed:
             raise ConnectionClosedError("netpoll: the handler is closed")
@@ -743,12 +862,65 @@ cdef class EvHandler(Operator):
     # ---- internals (poller thread unless noted) ----
 
     cdef int _bind(self, _ReactorPoller rp) except -1:
-        """Attach to rp (GIL, any thread): callbacks run on its thread."""
+        """Attach to rp (GIL, any thread): callbacks run on its thread, and
+        rp keeps the handler alive until it closes."""
+        cdef np_handler_t *c = self.h
+        cdef np_poller_t *p = rp.poller.p
+        if self.rp is not None:
+            self.rp.handlers.pop(id(self), None)
         self.rp = rp
         self._reactor = rp.reactor_ref
-        self.op.poller = rp.poller.p
-        rp.handlers[id(self)] = self
+        if self.fdstate == FD_NONE:
+            c.op.poller = p       # no fd, in no poll set: no locked path reads it
+        else:
+            with nogil:        # a move: writers may be in _apply_locked
+                pthread_mutex_lock(&c.op.lock)
+                c.op.poller = p
+                pthread_mutex_unlock(&c.op.lock)
+        if not self.closed:    # a failed move rolled back after a close
+            rp.handlers[id(self)] = self
         return 0
+
+    cdef int _unbind(self) except -1:
+        """Undo _bind of a handler that owns nothing (a failed add)."""
+        cdef np_handler_t *c = self.h
+        if self.rp is not None:
+            self.rp.handlers.pop(id(self), None)
+        self.rp = None
+        self._reactor = None
+        c.op.poller = NULL        # fdstate is FD_NONE again: see _bind
+        return 0
+
+    cdef int _watch(self, int fd, bint new_fd) except -1:
+        """Put fd in the poll set of the bound poller with the handler's mask
+        (GIL, any thread). Success: 0, the handler owns fd (fdstate FD_OWNED)
+        and a new fd is switched to O_NONBLOCK. Failure: errno (-1: the
+        handler closed meanwhile), and op.fd, the poll set and the fd's flags
+        are as they were."""
+        cdef np_handler_t *c = self.h
+        cdef uint32_t umask = self.umask
+        cdef bint connecting = self.connecting, eof = self.eof_seen
+        cdef int e = 0, old
+        with nogil:
+            pthread_mutex_lock(&c.op.lock)
+            if self.fdstate == FD_DONE or (c.op.flags & OF_FD_CLOSED):
+                e = -1
+            else:
+                old = c.op.fd
+                c.op.fd = fd
+                e = _apply_locked(c, _want(c, umask, connecting, eof, False))
+                if e == 0 and new_fd:
+                    # Only now: a failed add must leave the caller's fd as it was.
+                    e = _set_nonblock(fd)
+                    if e != 0:
+                        np_op_set_interest_locked(&c.op, 0)
+                if e != 0:
+                    c.op.fd = old
+                else:
+                    self.fdstate = FD_OWNED
+                    np_op_own_fd(&c.op)
+            pthread_mutex_unlock(&c.op.lock)
+        return e
 
     cdef int _sync_mask(self) except -1:
         cdef np_handler_t *c = self.h
@@ -766,7 +938,9 @@ cdef class EvHandler(Operator):
     cdef int _on_poller_event(self) except -1:
         cdef uint32_t ev = self.h.hready
         self.h.hready = 0
-        if ev and not self.closed:
+        # Only the owner's poller dispatches (a registration rolled back by a
+        # failed add may leave one stale event queued).
+        if ev and not self.closed and self.rp is not None and self.rp._is_current():
             self._dispatch(ev)
         return 0
 
@@ -814,6 +988,7 @@ cdef class EvHandler(Operator):
         cdef uint32_t umask = self.umask
         cdef bint connecting = self.connecting, eof = self.eof_seen
         cdef uint64_t sent = 0
+        cdef np_wcb_t *done = NULL
         if self.closed or c.op.fd < 0:
             return 0
         self._check_high()
@@ -823,25 +998,36 @@ cdef class EvHandler(Operator):
                 st = np_send_lb(c.op.fd, c.outbuf, &sent)
             _apply_locked(c, _want(c, umask, connecting, eof, False))
             self.sent_total += sent
+            if st >= 0:
+                done = _wcb_take(&self.wcb_head, &self.wcb_tail, self.sent_total)
             pthread_mutex_unlock(&c.op.lock)
         if st < 0:
             self.err = -st
             return self._close(OSError(-st, os.strerror(-st)))
-        return self._after_progress()
+        return self._after_progress(done)
 
-    cdef int _after_progress(self) except -1:
+    cdef int _call_wcbs(self, np_wcb_t *lst, object err, uint64_t sent) except -1:
+        """Call (and free) unlinked async_write callbacks: None for those whose
+        bytes were all sent, else err. Poller thread."""
+        cdef np_wcb_t *nxt
+        while lst != NULL:
+            nxt = lst.next
+            cb = <object>lst.cb
+            Py_DECREF(cb)                  # the list's reference; `cb` holds its own
+            res = None if lst.target <= sent else err
+            PyMem_RawFree(lst)
+            lst = nxt
+            try:
+                cb(res)
+            except BaseException:
+                log.exception("netpoll: async_write callback raised")
+        return 0
+
+    cdef int _after_progress(self, np_wcb_t *done) except -1:
         """Completion callbacks of what was sent; the low watermark."""
-        cdef uint64_t sent = self.sent_total
         cdef size_t pending
-        if self._wcb:
-            done = [cb for target, cb in self._wcb if target <= sent]
-            if done:
-                self._wcb = [item for item in self._wcb if item[0] > sent]
-                for cb in done:
-                    try:
-                        cb(None)
-                    except BaseException:
-                        log.exception("netpoll: async_write callback raised")
+        if done != NULL:
+            self._call_wcbs(done, None, self.sent_total)
         if self.above_high:
             pending = np_lb_readable(self.h.outbuf)
             if pending <= <size_t>self.low_wm:
@@ -876,7 +1062,7 @@ cdef class EvHandler(Operator):
         completion callbacks, on_close once, then the fd is closed."""
         cdef np_handler_t *c = self.h
         cdef uint64_t sent = 0
-        cdef int fd
+        cdef np_wcb_t *cbs = NULL
         cdef bint try_send = err is None
         if self.closed:
             return 0
@@ -891,23 +1077,23 @@ cdef class EvHandler(Operator):
                 np_send_lb(c.op.fd, c.outbuf, &sent)
             _apply_locked(c, 0)
             self.sent_total += sent
+            # From here on writes are refused, so these are all the callbacks
+            # there will ever be.
+            self.fdstate = FD_DONE
+            cbs = _wcb_take(&self.wcb_head, &self.wcb_tail, ALL_WCBS)
             pthread_mutex_unlock(&c.op.lock)
         exc = err if err is not None else ConnectionClosedError(
             "netpoll: the connection closed before the data was sent")
-        cbs = self._wcb
-        self._wcb = []
-        for target, cb in cbs:
-            try:
-                cb(None if target <= self.sent_total else exc)
-            except BaseException:
-                log.exception("netpoll: async_write callback raised")
+        self._call_wcbs(cbs, exc, self.sent_total)
         try:
             self.on_close()
         except BaseException:
             log.exception("netpoll: on_close raised")
         with nogil:
+            _fd_close(c, -1)
+            pthread_mutex_lock(&c.op.lock)
             np_lb_clear(c.outbuf)
-            np_op_close_fd(&c.op, NULL)
+            pthread_mutex_unlock(&c.op.lock)
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
         if self._pool is not None:
@@ -916,7 +1102,7 @@ cdef class EvHandler(Operator):
 
     cdef int _connect_failed(self, object exc) except -1:
         cdef np_handler_t *c = self.h
-        cdef int fd
+        cdef np_wcb_t *cbs = NULL
         if self.closed:
             return 0
         self.closed = True
@@ -925,16 +1111,13 @@ cdef class EvHandler(Operator):
         with nogil:
             pthread_mutex_lock(&c.op.lock)
             _apply_locked(c, 0)
-            pthread_mutex_unlock(&c.op.lock)
+            self.fdstate = FD_DONE
+            cbs = _wcb_take(&self.wcb_head, &self.wcb_tail, ALL_WCBS)
             np_lb_clear(c.outbuf)
-            np_op_close_fd(&c.op, NULL)
-        cbs = self._wcb
-        self._wcb = []
-        for target, cb in cbs:
-            try:
-                cb(exc)
-            except BaseException:
-                log.exception("netpoll: async_write callback raised")
+            pthread_mutex_unlock(&c.op.lock)
+            _fd_close(c, -1)
+        # Nothing was sent before the connection existed: every callback fails.
+        self._call_wcbs(cbs, exc, 0)
         try:
             self.on_connect_fail(exc)
         except BaseException:
@@ -965,6 +1148,8 @@ cdef class EvHandler(Operator):
 
     cdef uint64_t _add_timer(self, int64_t when, int64_t interval_ns, int internal,
                              uint64_t tid) except 0:
+        """A timer in the heap of the handler's poller: on that poller's
+        thread only (schedule_timer there, or a request it runs)."""
         cdef np_utimer_t *u = <np_utimer_t *>PyMem_RawMalloc(sizeof(np_utimer_t))
         if u == NULL:
             raise MemoryError()
@@ -1013,7 +1198,7 @@ cdef class EvHandler(Operator):
             if nxt <= now:
                 nxt = now + u.interval_ns     # we fell behind: no burst of catch-ups
             u.t.when = nxt
-            if timer_heap_push(&self.rp.poller.p.timers, &u.t) == 0:
+            if timer_heap_push(_heap_of(u), &u.t) == 0:
                 return 0
         self._cancelled.discard(tid)
         self._timers.pop(tid, None)
@@ -1031,7 +1216,7 @@ cdef class EvHandler(Operator):
             return 0
         u = <np_utimer_t *><size_t>addr
         if u.t.index >= 0:
-            timer_heap_remove(&self.rp.poller.p.timers, &u.t)
+            timer_heap_remove(_heap_of(u), &u.t)
             del self._timers[tid]
             self._cancelled.discard(tid)
             PyMem_RawFree(u)
@@ -1044,7 +1229,7 @@ cdef class EvHandler(Operator):
         for addr in self._timers.values():
             u = <np_utimer_t *><size_t>addr
             if u.t.index >= 0:
-                timer_heap_remove(&self.rp.poller.p.timers, &u.t)
+                timer_heap_remove(_heap_of(u), &u.t)
                 PyMem_RawFree(u)
             else:
                 u.handler = NULL             # in the fired list: freed there
@@ -1090,7 +1275,9 @@ cdef class Reactor:
             raise RuntimeError("Reactor already initialised")
         self.poll_num = poll_num
         self.read_buffer_size = read_buffer_size
-        self._lock = threading.Lock()
+        # Re-entrant: add_ev_handler holds it across its registration, and a
+        # finalizer run by the GC there may call stop().
+        self._lock = threading.RLock()
         self._stop_event = threading.Event()
         self._done_event = threading.Event()
         self._acceptors = []
@@ -1132,43 +1319,73 @@ cdef class Reactor:
         to `poller` (an index), else the calling poller (an accepted or
         connected handler stays where it was opened), else round-robin.
         `poller` given for a bound handler moves it (only before it has
-        events, timers or pending output). The handler owns `fd` from now on:
-        it is closed after on_close."""
+        events, timers or pending output, and not while connecting).
+
+        On success the handler owns `fd`: it is switched to non-blocking
+        (O_NONBLOCK: a blocking send would stall the poller) and closed after
+        on_close. On failure nothing changes: the caller keeps its fd (flags
+        untouched), the handler is not added (and unbound again if this call
+        bound it; no on_close will follow), and OSError says why, with its
+        errno: EPERM (a regular file or directory cannot be polled), EEXIST
+        (the fd is already in this poller's set), EBADF (not an open fd)."""
         cdef _ReactorPoller rp
+        cdef _ReactorPoller old_rp
+        cdef int cfd, e
         if isinstance(fd, bool) or not isinstance(fd, int):
             raise TypeError("fd must be an int")
-        if fd < 0:
-            raise ValueError("fd must be >= 0")
+        if not 0 <= fd <= FD_MAX:
+            raise ValueError(f"fd must be a descriptor number in 0..{FD_MAX}, got {fd}")
         _check_events(events)
-        self._check_open()
-        if handler.closed:
-            raise ConnectionClosedError("netpoll: the handler is closed")
-        if handler.registered:
-            raise ValueError("handler already added; use append_event/remove_event")
-        if handler.op.fd >= 0 and handler.op.fd != fd:
-            raise ValueError(f"handler already owns fd {handler.op.fd}")
-        if handler.rp is None:
-            handler._bind(self._pick(poller))
-        else:
-            if handler._reactor is not self:
-                raise ValueError("handler belongs to another reactor")
-            if poller is not None and poller != handler.rp.index:
+        # Under the reactor lock: a stop() that starts meanwhile waits, so its
+        # shutdown then finds the handler among its poller's handlers.
+        with self._lock:
+            self._check_open()
+            if handler.closed:
+                raise ConnectionClosedError("netpoll: the handler is closed")
+            if handler.registered:
+                raise ValueError("handler already added; use append_event/remove_event")
+            cfd = handler.op.fd
+            if cfd >= 0 and cfd != fd:
+                raise ValueError(f"handler already owns fd {cfd}")
+            old_rp = handler.rp
+            if old_rp is None:
                 rp = self._pick(poller)
-                if handler.op.events or handler._timers or np_lb_readable(handler.h.outbuf):
-                    raise RuntimeError("cannot move a handler with events, timers or output")
-                handler.rp.handlers.pop(id(handler), None)
+            else:
+                if handler._reactor is not self:
+                    raise ValueError("handler belongs to another reactor")
+                rp = old_rp if poller is None else self._pick(poller)
+                if rp is not old_rp and (handler.connecting or handler.op.events
+                                         or handler._timers
+                                         or np_lb_readable(handler.h.outbuf)):
+                    raise RuntimeError(
+                        "cannot move a handler with events, timers or output, or connecting")
+            if rp.stopping:
+                raise RuntimeError("netpoll: the reactor is stopping")
+            old_umask = handler.umask
+            if rp is not old_rp:
                 handler._bind(rp)
-        handler.op.fd = fd
-        np_op_own_fd(handler.op)
-        handler.umask = events
-        handler.registered = True
-        try:
-            handler._sync_mask()
-        except BaseException:
+            handler.umask = events
+            handler.registered = True
+            e = handler._watch(fd, cfd < 0)
+            if e == 0:
+                return None
             handler.registered = False
-            handler.umask = 0
-            raise
-        return None
+            handler.umask = old_umask
+            if rp is not old_rp:
+                if old_rp is None:
+                    handler._unbind()
+                else:
+                    handler._bind(old_rp)
+        if e < 0:
+            raise ConnectionClosedError("netpoll: the handler is closed")
+        hint = ""
+        if e == EPERM:
+            hint = " (regular files and directories cannot be polled)"
+        elif e == EEXIST:
+            hint = " (it is already in this poller's set, e.g. added to another handler)"
+        elif e == EBADF:
+            hint = " (not an open file descriptor)"
+        raise OSError(e, f"netpoll: cannot watch fd {fd}: {os.strerror(e)}{hint}")
 
     def append_event(self, EvHandler handler not None, events):
         """Also watch for `events`."""
@@ -1191,14 +1408,26 @@ cdef class Reactor:
     # ---- used by netpoll.reactor (Acceptor, Connector) ----
 
     def _attach(self, EvHandler handler not None, int fd, int index):
-        """An accepted fd: bind to poller `index` and run on_open there."""
-        cdef _ReactorPoller rp = self._rps[index]
-        if self._stopping or self._shut or rp.stopping or handler.rp is not None:
-            os.close(fd)
+        """An accepted fd, owned by the reactor from this call: the handler
+        adopts it on poller `index` and on_open runs there. False (the fd is
+        closed) when the reactor is stopping or the handler is in use."""
+        cdef _ReactorPoller rp
+        cdef np_handler_t *c = handler.h
+        if not 0 <= index < self.poll_num:
+            _fd_close(NULL, fd)
+            raise ValueError(f"poller index {index} out of range")
+        rp = self._rps[index]
+        if self._stopping or self._shut or rp.stopping or handler.rp is not None \
+                or handler.closed or c.op.fd >= 0:
+            _fd_close(NULL, fd)
             return False
         handler._bind(rp)
-        handler.op.fd = fd
-        np_op_own_fd(handler.op)
+        with nogil:
+            pthread_mutex_lock(&c.op.lock)
+            c.op.fd = fd
+            np_op_own_fd(&c.op)
+            handler.fdstate = FD_OWNED
+            pthread_mutex_unlock(&c.op.lock)
         if rp._is_current():
             _open(handler)
         else:
@@ -1206,24 +1435,34 @@ cdef class Reactor:
         return True
 
     def _connect(self, EvHandler handler not None, int fd, int err, timeout, addr):
-        """A socket whose non-blocking connect returned `err`."""
+        """A socket whose non-blocking connect returned `err`, owned by the
+        reactor from this call: the handler adopts it (on_open or
+        on_connect_fail follows), else it is closed and the error raised."""
         cdef _ReactorPoller rp
+        cdef np_handler_t *c = handler.h
         cdef int64_t tns = 0
-        if timeout is not None:
-            tns = _seconds_ns(timeout, "timeout", False)
-        if self._stopping or self._shut:
-            os.close(fd)
-            raise RuntimeError("netpoll: the reactor is stopping")
-        if handler.rp is not None or handler.closed or handler.op.fd >= 0:
-            os.close(fd)
-            raise ValueError("handler is already in use")
+        try:
+            if timeout is not None:
+                tns = seconds_ns(timeout, "connect timeout", none_ok=False, inf_ok=False,
+                                 zero_ok=False)
+            if self._stopping or self._shut:
+                raise RuntimeError("netpoll: the reactor is stopping")
+            if handler.rp is not None or handler.closed or c.op.fd >= 0:
+                raise ValueError("handler is already in use")
+        except BaseException:
+            _fd_close(NULL, fd)
+            raise
         rp = self._pick(None)
         handler._bind(rp)
-        handler.op.fd = fd
-        np_op_own_fd(handler.op)
         handler.connecting = True
         handler.connect_addr = addr
         handler.connect_timeout = timeout
+        with nogil:
+            pthread_mutex_lock(&c.op.lock)
+            c.op.fd = fd
+            np_op_own_fd(&c.op)
+            handler.fdstate = FD_OWNED
+            pthread_mutex_unlock(&c.op.lock)
         if err == 0:
             rp._post(("connected", handler))
         elif err == EINPROGRESS or err == EAGAIN or err == EALREADY:
