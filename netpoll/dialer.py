@@ -6,7 +6,7 @@ import time
 from typing import Any, Callable, Optional
 
 from netpoll import _validate
-from netpoll._core.connection import Connection, wrap_socket_fd
+from netpoll._core.connection import DEFAULT_OUTPUT_LIMIT, Connection, wrap_socket_fd
 from netpoll.config import _check_runner, runtime
 from netpoll.errors import DialTimeoutError
 from netpoll.listener import parse_address
@@ -19,15 +19,18 @@ class Dialer:
 
     runner: how an ``on_request`` set later with ``conn.set_on_request`` is run
     ("pool" by default, "inline", or a callable). Timeouts in seconds apply
-    to every connection it makes (None or ``float("inf")``: no limit)."""
+    to every connection it makes (None or ``float("inf")``: no limit);
+    output_limit as for EventLoop."""
 
     def __init__(self, *, runner: Any = None, read_timeout: Optional[float] = None,
                  write_timeout: Optional[float] = None,
-                 idle_timeout: Optional[float] = None) -> None:
+                 idle_timeout: Optional[float] = None,
+                 output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT) -> None:
         self.runner = _check_runner(runner) if runner is not None else None
         self.read_timeout = _validate.seconds(read_timeout, "read_timeout")
         self.write_timeout = _validate.seconds(write_timeout, "write_timeout")
         self.idle_timeout = _validate.seconds(idle_timeout, "idle_timeout")
+        self.output_limit = _validate.size(output_limit, "output_limit", none_ok=True)
 
     def dial_connection(self, network: str, address: Any,
                         timeout: Optional[float] = None,
@@ -75,7 +78,8 @@ class Dialer:
             runner = self.runner if self.runner is not None else rt.runner
             pool = rt.get_pool() if runner == "pool" else None
             return wrap_socket_fd(fd, poller, pool, runner, None, on_request,
-                                  self.read_timeout, self.write_timeout, self.idle_timeout)
+                                  self.read_timeout, self.write_timeout, self.idle_timeout,
+                                  self.output_limit)
         if last is None:
             last = DialTimeoutError(f"dial {network} {address!r}: timed out after {timeout} s")
         raise last

@@ -9,6 +9,7 @@ from typing import Any, Callable, List, Optional, Set
 
 from netpoll._core.connection import Connection
 from netpoll import _validate
+from netpoll._core.connection import DEFAULT_OUTPUT_LIMIT
 from netpoll._core.server import ListenerOperator, accept_connection
 from netpoll.config import _check_runner, runtime
 from netpoll.listener import Listener
@@ -43,6 +44,14 @@ class EventLoop:
     block), "inline" (on the poller thread; fastest, handlers must not block:
     a blocking read there stalls that poller's other connections until its
     bytes arrive or the read timeout passes), or a callable run(task).
+
+    input_limit: while this many bytes are buffered unread, the socket is not
+    read (TCP pushes back on the peer); a read asking for more raises
+    ValueError. None or 0: no limit. output_limit (default 4 MiB): what a
+    flush() from an inline handler may leave queued and return at once;
+    above it the flush sends from the handler and waits for the peer
+    (bounded by write_timeout). None: no limit. Flushes from worker threads
+    always wait until everything is sent.
     """
 
     def __init__(self, on_request: OnRequest,
@@ -51,7 +60,8 @@ class EventLoop:
                  on_disconnect: Optional[Callable[[Any, Connection], Any]] = None,
                  read_timeout: Optional[float] = None, write_timeout: Optional[float] = None,
                  idle_timeout: Optional[float] = None, runner: Any = None,
-                 input_limit: Optional[int] = None) -> None:
+                 input_limit: Optional[int] = None,
+                 output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT) -> None:
         self.on_request = _callback("on_request", on_request, required=True)
         self.on_prepare = _callback("on_prepare", on_prepare)
         self.on_connect = _callback("on_connect", on_connect)
@@ -62,6 +72,7 @@ class EventLoop:
         self.runner = _check_runner(runner) if runner is not None else None
         # 0 and None: no limit.
         self.input_limit = _validate.size(input_limit, "input_limit", none_ok=True) or 0
+        self.output_limit = _validate.size(output_limit, "output_limit", none_ok=True)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._conns: Set[Connection] = set()
@@ -79,7 +90,7 @@ class EventLoop:
         accept_connection(fd, rt.pick(), pool, runner, self, self.on_request,
                           self.on_prepare, self.on_connect, self.on_disconnect,
                           self.read_timeout, self.write_timeout, self.idle_timeout,
-                          self.input_limit)
+                          self.input_limit, self.output_limit)
 
     def _track(self, conn: Connection) -> bool:
         # Called before the connection is registered, so it cannot close

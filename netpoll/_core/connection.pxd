@@ -47,7 +47,7 @@ cdef struct np_conn_t:
     size_t rx_chunk            # adaptive size of new input chunks (poller thread only)
     size_t rx_last             # bytes of the last burst read (poller thread only)
     size_t input_limit         # 0: none
-    size_t output_limit        # 0: none (see ConnWriter._after_flush)
+    size_t output_limit        # SIZE_MAX: none (see ConnWriter._after_flush)
     uint64_t rx_seq            # bumps on every commit of new input
     int64_t read_timeout_ns    # < 0: none
     int64_t write_timeout_ns

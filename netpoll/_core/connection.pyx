@@ -65,6 +65,16 @@ cdef enum:
 
 cdef size_t _chunk_hint = 8192
 
+# What an inline flush may leave queued by default (EventLoop, Dialer).
+DEFAULT_OUTPUT_LIMIT = 4 << 20
+
+
+cdef size_t _output_limit(object nbytes) except? 1:
+    """An output limit in bytes; None means no limit (SIZE_MAX)."""
+    if nbytes is None:
+        return <size_t>-1
+    return _size(nbytes, "output limit")
+
 
 def set_buffer_size(size_t n):
     """Preferred chunk size of the buffers of connections made from now on."""
@@ -818,7 +828,7 @@ cdef class ConnWriter(LinkBuffer):
         if np_lb_readable(c.outbuf) == 0:
             return 0
         if np_on_poller_thread(c.op.poller):
-            if limit == 0 or np_lb_readable(c.outbuf) <= limit:
+            if np_lb_readable(c.outbuf) <= limit:
                 np_op_defer(c.op.poller, &c.op)
                 return 0
             deadline = _deadline(c.write_timeout_ns)
@@ -1183,9 +1193,11 @@ cdef class Connection(Operator):
     def set_output_limit(self, nbytes):
         """Bytes a flush() on a poller thread (an inline handler) may leave
         queued and return; above it the flush sends from the calling thread
-        and waits (bounded by the write timeout). None or 0: no limit."""
+        and waits (bounded by the write timeout). None: no limit; 0: every
+        such flush sends at once. Flushes from other threads always wait
+        until everything is sent."""
         cdef np_conn_t *c = self._live()
-        c.output_limit = _size(nbytes, "output limit", none_ok=True) or 0
+        c.output_limit = _output_limit(nbytes)
 
     def output_buffered(self):
         """Bytes flushed and not yet sent."""
@@ -1365,7 +1377,7 @@ cdef int setup_connection(Connection conn, object on_request, object read_timeou
     c.write_timeout_ns = _seconds_ns(write_timeout, "write timeout")
     c.idle_timeout_ns = _seconds_ns(idle_timeout, "idle timeout")
     c.input_limit = input_limit or 0
-    c.output_limit = output_limit or 0
+    c.output_limit = _output_limit(output_limit)
     conn._on_request = on_request
     if on_request is not None:
         c.op.flags |= CF_HAS_HANDLER
@@ -1379,7 +1391,7 @@ cdef int register_connection(Connection conn) except -1:
 
 def wrap_socket_fd(int fd, Poller poller, WorkerPool pool=None, runner="pool", owner=None,
                    on_request=None, read_timeout=None, write_timeout=None, idle_timeout=None,
-                   output_limit=None):
+                   output_limit=DEFAULT_OUTPUT_LIMIT):
     """Wrap a connected, non-blocking socket fd (ownership passes to the
     connection) and register it with `poller`. Used by the Dialer."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, owner)

@@ -202,7 +202,7 @@ cdef class ListenerOperator(Operator):
 def accept_connection(int fd, Poller poller not None, pool, runner, server,
                       on_request, on_prepare, on_connect, on_disconnect,
                       read_timeout, write_timeout, idle_timeout, input_limit,
-                      output_limit=None):
+                      output_limit):
     """Set up one accepted fd: Connection, on_prepare, registration, and the
     first process() when on_connect must run before any on_request."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, server)
