@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Optional, Set
 
 from netpoll._core.connection import Connection
 from netpoll import _validate
-from netpoll._core.connection import DEFAULT_OUTPUT_LIMIT
+from netpoll._core.connection import DEFAULT_OUTPUT_LIMIT, in_handler
 from netpoll._core.server import ListenerOperator, accept_connection
 from netpoll.config import _check_runner, runtime
 from netpoll.listener import Listener
@@ -133,24 +133,43 @@ class EventLoop:
 
         Returns once every connection is closed; if `timeout` seconds pass
         first, the remaining connections are closed at once and TimeoutError
-        is raised. serve() returns None after this."""
+        is raised. serve() returns None after this.
+
+        Called from a handler (on_prepare, on_connect, on_request,
+        on_disconnect, on any runner) it cannot wait, since the handlers it
+        would wait for include its caller: it starts the shutdown and
+        returns at once. The calling connection is closed when its handler
+        returns; the rest (the timeout, then serve() returning) goes on in
+        the background, and a timeout is logged instead of raised."""
         timeout = _validate.seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
+        from_handler = in_handler()
         with self._lock:
             self._shutting_down = True
             acceptors, self._acceptors = self._acceptors, []
             listeners, self._listeners = self._listeners, []
             conns = list(self._conns)
         # Refuse new connects at once (Linux: a listening socket shut down for
-        # reading stops taking SYNs), then let each poller close its copy.
+        # reading stops taking SYNs), then let each poller close its copy
+        # (not waited for from a handler: its poller may be the caller's).
         for lst in listeners:
             lst._stop_listening()
         for a in acceptors:
-            a.close(1.0)
+            a.close(0 if from_handler else 1.0)
         for lst in listeners:
             lst.close()
         for conn in conns:
             conn._close_when_done()
+        if from_handler:
+            threading.Thread(target=self._finish_shutdown, args=(deadline, timeout, False),
+                             name="netpoll-shutdown", daemon=True).start()
+            return
+        self._finish_shutdown(deadline, timeout, True)
+
+    def _finish_shutdown(self, deadline: Optional[float], timeout: Optional[float],
+                         raise_timeout: bool) -> None:
+        """Wait for the connections to close (until `deadline`), close the
+        rest, and let serve() return."""
         timed_out = False
         with self._lock:
             while self._conns:
@@ -164,7 +183,10 @@ class EventLoop:
             conn.close()
         self._stopped.set()
         if timed_out:
-            raise TimeoutError(f"shutdown: {len(rest)} connection(s) still busy after {timeout} s")
+            msg = f"shutdown: {len(rest)} connection(s) still busy after {timeout} s"
+            if raise_timeout:
+                raise TimeoutError(msg)
+            log.warning("netpoll: %s; closed them", msg)
 
     @property
     def connections(self) -> int:

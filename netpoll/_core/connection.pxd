@@ -59,6 +59,7 @@ cdef struct np_conn_t:
 
 cdef class ConnReader(LinkBuffer):
     cdef Connection conn
+    cdef int _need_by(self, size_t n, int64_t deadline) except -1
 
 
 cdef class ConnWriter(LinkBuffer):
@@ -86,6 +87,7 @@ cdef class Connection(Operator):
     cdef bint _close_when_idle      # graceful shutdown: close once the handler returns
 
     cdef int _process(self) except -1
+    cdef int _process_handlers(self) except -1
     cdef int _close(self, bint user) except -1
     cdef int _peer_gone(self) except -1
     cdef int _call_handler(self) except -1

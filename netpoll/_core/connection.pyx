@@ -14,6 +14,7 @@ import logging
 import os
 import socket as _socket
 
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.ref cimport PyObject
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -29,7 +30,7 @@ from netpoll._core.includes.system cimport (
     np_atomic_load_uint, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP,
 )
 from netpoll._core.linkbuffer cimport (
-    LinkBuffer, LB_READ, LB_WRITE, np_lb_t, np_lb_new, np_lb_free, np_lb_readable,
+    LinkBuffer, LB_READ, LB_WRITE, np_lb_new, np_lb_free, np_lb_readable,
     np_lb_reserve, np_lb_commit, np_lb_release, np_lb_clear,
 )
 from netpoll._core.poller cimport (
@@ -64,6 +65,20 @@ cdef enum:
     CF_DISOWNED = 1 << 16       # the user closed our fd: it was not closed by us
 
 cdef size_t _chunk_hint = 8192
+
+cdef extern from *:
+    """
+    /* Handlers (on_connect, on_request, on_disconnect) running on this thread. */
+    static __thread int np_handler_depth = 0;
+    """
+    int np_handler_depth
+
+
+def in_handler():
+    """True on a thread that runs a connection handler (on_connect,
+    on_request, on_disconnect, any runner) or on a poller thread (inline
+    handlers, on_prepare): such a thread must not wait for handlers to end."""
+    return np_handler_depth > 0 or np_on_any_poller()
 
 # What an inline flush may leave queued by default (EventLoop, Dialer).
 DEFAULT_OUTPUT_LIMIT = 4 << 20
@@ -706,6 +721,30 @@ cdef str _error_text(np_conn_t *c):
     return os.strerror(c.err) if c.err else "socket error"
 
 
+cdef unsigned char _delim_byte(object delim) except? 0:
+    """until()'s delimiter as a byte (the rules of LinkBuffer.until)."""
+    cdef Py_buffer pb
+    cdef unsigned char d
+    if isinstance(delim, int):
+        if not 0 <= delim <= 255:
+            raise ValueError(f"delimiter must be in 0..255, got {delim}")
+        return <unsigned char>delim
+    if isinstance(delim, str):
+        raise TypeError("delimiter must be an int or one byte, not str")
+    try:
+        PyObject_GetBuffer(delim, &pb, PyBUF_SIMPLE)
+    except TypeError:
+        raise TypeError(f"delimiter must be an int or one byte, "
+                        f"not {type(delim).__name__}") from None
+    try:
+        if pb.len != 1:
+            raise ValueError(f"delimiter must be exactly one byte, got {pb.len}")
+        d = (<unsigned char *>pb.buf)[0]
+    finally:
+        PyBuffer_Release(&pb)
+    return d
+
+
 cdef class ConnReader(LinkBuffer):
     """The connection's input: LinkBuffer's reader methods, blocking until the
     bytes arrive (bounded by the read timeout). Writer methods raise TypeError."""
@@ -723,10 +762,16 @@ cdef class ConnReader(LinkBuffer):
         return 0
 
     cdef int _need(self, size_t n) except -1:
+        # One wait, one deadline: next(n), read_binary(n), slice(n)... call
+        # this once per call; until() calls _need_by() with its own deadline.
+        return self._need_by(n, _deadline(self.conn.c.read_timeout_ns))
+
+    cdef int _need_by(self, size_t n, int64_t deadline) except -1:
+        """Wait until n bytes are readable, at the latest until `deadline`
+        (monotonic ns, < 0: none)."""
         cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
-        cdef int64_t deadline
         if np_lb_readable(c.inbuf) >= n:
             return 0
         if c.input_limit and n > c.input_limit:
@@ -734,7 +779,6 @@ cdef class ConnReader(LinkBuffer):
             raise ValueError(
                 f"read on {_describe(self.conn)}: {n} bytes exceed the input limit "
                 f"({c.input_limit} bytes)")
-        deadline = _deadline(c.read_timeout_ns)
         if np_on_poller_thread(c.op.poller):
             # Inline handler: nobody else will read this socket, so read it here.
             with nogil:
@@ -777,6 +821,25 @@ cdef class ConnReader(LinkBuffer):
         raise PeerClosedError(
             f"read on {_describe(self.conn)}: peer closed with {np_lb_readable(c.inbuf)} "
             f"of {n} bytes buffered")
+
+    def until(self, delim):
+        """Consume and return the bytes up to and including the first `delim`
+        (one byte: an int in 0..255 or a bytes-like object of length 1),
+        waiting for more input as needed. The read timeout bounds the whole
+        call, not each wait: a peer trickling bytes without the delimiter
+        gets ReadTimeoutError once it has passed."""
+        cdef Py_ssize_t idx
+        cdef unsigned char d
+        cdef int64_t deadline
+        self._check(LB_READ)
+        d = _delim_byte(delim)
+        deadline = _deadline(self.conn.c.read_timeout_ns)    # once per call
+        while True:
+            idx = self._find(d)
+            if idx >= 0:
+                return self._view(<size_t>idx + 1, True)
+            self._need_by(np_lb_readable(self.lb) + 1, deadline)
+            self._check(LB_READ)
 
     def release(self):
         """Free the memory of bytes already read (views stay valid)."""
@@ -961,6 +1024,15 @@ cdef class Connection(Operator):
         return 0
 
     cdef int _process(self) except -1:
+        # Marks this thread as running a handler (in_handler()) for its length.
+        global np_handler_depth
+        np_handler_depth += 1
+        try:
+            return self._process_handlers()
+        finally:
+            np_handler_depth -= 1
+
+    cdef int _process_handlers(self) except -1:
         """Run on_connect once, then on_request while it makes progress.
 
         Called with CF_RUNNING set (so never twice at once for one connection).
