@@ -29,7 +29,7 @@ from netpoll._core.includes.system cimport (
     np_atomic_load_uint, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP,
 )
 from netpoll._core.linkbuffer cimport (
-    LinkBuffer, LB_READ, LB_WRITE, np_lb_t, np_lb_new, np_lb_free, np_lb_readable,
+    LinkBuffer, LB_READ, LB_WRITE, np_lb_new, np_lb_free, np_lb_readable,
     np_lb_reserve, np_lb_commit, np_lb_release, np_lb_clear,
 )
 from netpoll._core.poller cimport (

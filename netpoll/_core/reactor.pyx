@@ -45,17 +45,15 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from netpoll._core.includes.system cimport (
-    close,    pthread_mutex_destroy, np_atomic_load_uint,
-    errno, EAGAIN, EWOULDBLOCK, EINTR,
-    EINPROGRESS,
-    pthread_mutex_lock, pthread_mutex_unlock,
-    NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET, NP_MSG_NOSIGNAL,
+    close, errno, EAGAIN, EWOULDBLOCK, EINPROGRESS,
+    pthread_mutex_lock, pthread_mutex_unlock, pthread_mutex_destroy, np_atomic_load_uint,
+    NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET,
     np_atomic_cas_int, np_atomic_store_int, np_atomic_load_int, np_monotonic_ns,
 )
 from netpoll._core.poller cimport (
     Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
     np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd, np_op_gil,
-    np_poller_timer_push, np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
+    np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
 )
 from netpoll._core.sockio cimport np_recv, np_send, np_send_lb
 from netpoll._core.timer cimport (np_timer_t, np_timer_heap_t, timer_init, timer_heap_push,
