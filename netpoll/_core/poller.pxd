@@ -75,6 +75,17 @@ cdef struct np_op_kind_t:
     np_op_defer_fn deferred   # queued with np_op_defer: runs before the next wait
     np_op_free_fn free        # frees the kind's fields, then the struct
 
+cdef inline void np_kind_init(np_op_kind_t *k, const char *name, np_op_ready_fn ready,
+                              np_op_timer_fn timer, np_op_task_fn task,
+                              np_op_defer_fn deferred, np_op_free_fn free) noexcept nogil:
+    """Fill a kind's table (at module import; unused entries NULL)."""
+    k.name = name
+    k.ready = ready
+    k.timer = timer
+    k.task = task
+    k.deferred = deferred
+    k.free = free
+
 cdef struct np_op_t:
     const np_op_kind_t *kind
     int fd

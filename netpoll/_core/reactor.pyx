@@ -51,7 +51,7 @@ from netpoll._core.includes.system cimport (
     np_atomic_cas_int, np_atomic_store_int, np_atomic_load_int, np_monotonic_ns,
 )
 from netpoll._core.poller cimport (
-    Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
+    Operator, Poller, np_op_t, np_op_kind_t, np_kind_init, np_poller_t, np_op_init, np_op_own_fd,
     np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd, np_op_gil,
     np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
 )
@@ -225,20 +225,10 @@ cdef inline np_timer_heap_t *_heap_of(np_utimer_t *u) noexcept nogil:
 
 
 cdef np_op_kind_t CTL_KIND
-CTL_KIND.name = "reactor control"
-CTL_KIND.ready = NULL
-CTL_KIND.timer = _ctl_timer
-CTL_KIND.task = _ctl_task
-CTL_KIND.deferred = NULL
-CTL_KIND.free = _ctl_free
+np_kind_init(&CTL_KIND, "reactor control", NULL, _ctl_timer, _ctl_task, NULL, _ctl_free)
 
 cdef np_op_kind_t HANDLER_KIND
-HANDLER_KIND.name = "reactor handler"
-HANDLER_KIND.ready = _handler_ready
-HANDLER_KIND.timer = NULL
-HANDLER_KIND.task = NULL
-HANDLER_KIND.deferred = NULL
-HANDLER_KIND.free = _handler_free
+np_kind_init(&HANDLER_KIND, "reactor handler", _handler_ready, NULL, NULL, NULL, _handler_free)
 
 
 cdef void _ctl_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) noexcept nogil:
