@@ -110,7 +110,9 @@ cdef struct np_op_t:
     int deferred
 
 cdef struct np_poller_t:
-    int pfd
+    int pfd                   # the poll set (may move to a new number: _rebuild_poll_set)
+    uint64_t pfd_dev          # its identity, to tell it from a file dup2()ed over it
+    uint64_t pfd_ino
     int wake_r                # wake-up channel (one eventfd, or a pipe on kqueue)
     int wake_w
     int index
@@ -200,6 +202,7 @@ cdef class Poller:
     cdef readonly int index
     cdef dict registry         # id(op) -> Operator, strong references while registered
     cdef object thread
+    cdef double _last_log      # monotonic time of the last error logged
     cdef object __weakref__
     cdef int _register(self, Operator op) except -1
     cdef int _gil_phase(self) except -1
