@@ -54,7 +54,9 @@ cdef struct np_lb_t:
     uint64_t total_in    # bytes ever made readable (flush/commit)
     uint64_t total_out   # bytes ever consumed
     uint64_t epoch       # bumped when nodes are dropped unconsumed (clear/close/release/append)
-    np_node_t *spare     # one freed node kept for the next append (atomic exchange, no lock)
+    np_node_t *spare     # one freed node kept for the next append (no malloc per message)
+    int tailless         # tail == NULL (atomic store under the lock): a writer's hint to
+                         # allocate a chunk before taking the lock
     int reserving
     int closed
 
@@ -107,9 +109,12 @@ cdef class LinkBuffer:
     cdef object __weakref__
     cdef bint owns             # False when the np_lb_t belongs to a connection
     cdef int mode              # LB_READ | LB_WRITE: which half of the API is allowed
-    # malloc() views since the last flush/malloc_ack, as [memoryview, exporter, ...]:
-    # cut off by _settle (see malloc); forgotten at close(). None when there are none.
-    cdef list _mviews
+    # malloc() views since the last flush/malloc_ack and their exporters, cut
+    # off by _settle (see malloc), forgotten at close(): the first in _mview
+    # and _mexp (None if there is none), the others in _mmore (view, exporter, ...).
+    cdef object _mview
+    cdef object _mexp
+    cdef list _mmore
 
     cdef int _check(self, int need) except -1
     # Hooks for connection buffers: block until n bytes are readable (or raise),

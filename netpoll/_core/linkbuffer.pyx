@@ -26,12 +26,13 @@ from cpython.buffer cimport (PyBUF_WRITABLE, PyBUF_SIMPLE, PyBuffer_FillInfo,
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawCalloc, PyMem_RawFree
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
+from cpython.ref cimport PyObject
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy, memchr, memset
 
 from netpoll._core.includes.system cimport (
     iovec, np_spin_t, np_spin_init, np_spin_lock, np_spin_unlock,
-    np_atomic_dec_int, np_atomic_load_int, np_atomic_store_size,
+    np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int, np_atomic_store_size,
 )
 
 cdef extern from "compat.h" nogil:
@@ -39,8 +40,6 @@ cdef extern from "compat.h" nogil:
     void np_atomic_store_size_relaxed(size_t *p, size_t v)
     size_t np_atomic_add_size(size_t *p, size_t v)
     size_t np_atomic_sub_size(size_t *p, size_t v)
-    void *np_atomic_xchg_ptr(void **p, void *v)
-    bint np_atomic_cas_ptr(void **p, void *expected, void *desired)
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef int pthread_key_t
@@ -51,9 +50,16 @@ cdef extern from *:
     """
     /* The calling thread's chunk cache (linkbuffer.pyx, "the pool"): a plain
      * thread-local pointer for the fast path; a pthread key's destructor
-     * hands the cache back when the thread exits. */
-    static __thread void *np_lb_tc = NULL;
-    static __thread int np_lb_tc_gone = 0;
+     * hands the cache back when the thread exits. With glibc, initial-exec:
+     * one %fs-relative load instead of a __tls_get_addr() call per access
+     * (glibc keeps static TLS room for dlopen()ed modules that need a little). */
+    #if defined(__GLIBC__)
+    #define NP_LB_TLS __thread __attribute__((tls_model("initial-exec")))
+    #else
+    #define NP_LB_TLS __thread
+    #endif
+    static NP_LB_TLS void *np_lb_tc = NULL;
+    static NP_LB_TLS int np_lb_tc_gone = 0;
     static inline void *np_lb_tc_get(void) { return np_lb_tc; }
     static inline void np_lb_tc_set(void *p) { np_lb_tc = p; }
     static inline int np_lb_tc_exiting(void) { return np_lb_tc_gone; }
@@ -460,21 +466,24 @@ def pool_trim():
 
 # ------------------------------------------------- list primitives
 #
-# Nodes come from _node_get (the buffer's spare slot or malloc) before the
-# lock is taken; functions that unlink nodes under the lock return them as a
-# chain for _reap, which drops their chunk references and frees them after
-# the lock is released.
+# A new node is the buffer's spare (taken under the lock, _spare_take) or
+# is malloc'd after the lock is dropped (_node_new); functions that unlink
+# nodes under the lock return them as a chain for _unlock_reap, which keeps
+# one as the spare, drops the lock, and only then drops their chunk
+# references and frees the rest.
 
-cdef inline np_node_t *_node_get(np_lb_t *lb) noexcept nogil:
-    cdef np_node_t *node = <np_node_t *>np_atomic_xchg_ptr(<void **>&lb.spare, NULL)
-    if node == NULL:
-        node = <np_node_t *>PyMem_RawMalloc(sizeof(np_node_t))
+cdef inline np_node_t *_spare_take(np_lb_t *lb) noexcept nogil:
+    """The spare node or NULL (under the lock)."""
+    cdef np_node_t *node = lb.spare
+    lb.spare = NULL
     return node
 
 
-cdef inline void _node_put(np_lb_t *lb, np_node_t *node) noexcept nogil:
-    if node != NULL and not np_atomic_cas_ptr(<void **>&lb.spare, NULL, node):
-        PyMem_RawFree(node)
+cdef inline np_node_t *_node_new(np_node_t *node) noexcept nogil:
+    """`node`, or a new one if it is NULL (without the lock)."""
+    if node == NULL:
+        node = <np_node_t *>PyMem_RawMalloc(sizeof(np_node_t))
+    return node
 
 
 cdef inline void _node_link(np_lb_t *lb, np_node_t *node, np_chunk_t *c, size_t off,
@@ -486,19 +495,35 @@ cdef inline void _node_link(np_lb_t *lb, np_node_t *node, np_chunk_t *c, size_t 
     node.next = NULL
     if lb.tail == NULL:
         lb.head = lb.tail = node
+        np_atomic_store_int(&lb.tailless, 0)
     else:
         lb.tail.next = node
         lb.tail = node
 
 
-cdef void _reap(np_lb_t *lb, np_node_t *garbage) noexcept nogil:
+cdef void _reap(np_node_t *garbage) noexcept nogil:
     """Free a chain of unlinked nodes and their chunk references (without the lock)."""
     cdef np_node_t *nxt
     while garbage != NULL:
         nxt = garbage.next
         np_chunk_decref(garbage.chunk)
-        _node_put(lb, garbage)
+        PyMem_RawFree(garbage)
         garbage = nxt
+
+
+cdef inline void _unlock_reap(np_lb_t *lb, np_node_t *garbage) noexcept nogil:
+    """Drop the lock, then free `garbage` (a chain of unlinked nodes) and its
+    chunk references; its first node becomes the spare if there is none."""
+    cdef np_chunk_t *c = NULL
+    if garbage != NULL and lb.spare == NULL:
+        lb.spare = garbage
+        c = garbage.chunk
+        garbage = garbage.next
+    np_spin_unlock(&lb.lock)
+    if c != NULL:
+        np_chunk_decref(c)
+    if garbage != NULL:
+        _reap(garbage)
 
 
 cdef void _free_nodes(np_node_t *chain) noexcept nogil:
@@ -514,6 +539,7 @@ cdef np_node_t *_drop_all(np_lb_t *lb) noexcept nogil:
     """Unlink every node (under the lock); returns them for _reap."""
     cdef np_node_t *g = lb.head
     lb.head = lb.tail = NULL
+    np_atomic_store_int(&lb.tailless, 1)
     lb.unflushed = 0
     lb.epoch += 1
     np_atomic_store_size(&lb.readable, 0)
@@ -552,14 +578,18 @@ cdef char *_wreserve(np_lb_t *lb, size_t n, bint fresh, np_chunk_t **pc) noexcep
     with a reference to their chunk in *pc for the caller to drop once they
     are written (or to hand to a view). With `fresh` they never share a node
     with readable bytes, so _detach never re-points a node a reader may be
-    sending from. Chunk and node are allocated with the lock dropped, then
-    the locked part starts over. NULL on ENOMEM or when the buffer is closed."""
+    sending from. A chunk is allocated before the lock is taken when the
+    buffer has no tail (the usual case after a release), else after a first
+    look; a node is the spare or malloc'd with the lock dropped. NULL on
+    ENOMEM or when the buffer is closed."""
     cdef np_node_t *node = NULL
     cdef np_chunk_t *c = NULL
     cdef np_chunk_t *tc
     cdef np_node_t *t
     cdef char *p = NULL
     cdef bint need_chunk
+    if np_atomic_load_int(&lb.tailless):
+        c = np_chunk_alloc(n if n > lb.size_hint else lb.size_hint)
     while True:
         np_spin_lock(&lb.lock)
         if lb.closed:
@@ -573,6 +603,8 @@ cdef char *_wreserve(np_lb_t *lb, size_t n, bint fresh, np_chunk_t **pc) noexcep
             p = _grow_tail(lb, n)
             np_spin_unlock(&lb.lock)
             break
+        if node == NULL:
+            node = _spare_take(lb)
         if not need_chunk and node != NULL:
             # Room in the tail's chunk, but its node holds readable bytes: a node of our own.
             tc = t.chunk
@@ -589,7 +621,7 @@ cdef char *_wreserve(np_lb_t *lb, size_t n, bint fresh, np_chunk_t **pc) noexcep
         if need_chunk and c != NULL and node != NULL:
             c.owner = lb.id
             c.used = n
-            np_chunk_incref(c)       # the caller's; the node takes the allocation's
+            c.refcnt = 2             # the node's and the caller's (c is not shared yet)
             _node_link(lb, node, c, 0, n)
             node = NULL
             lb.unflushed += n
@@ -599,18 +631,47 @@ cdef char *_wreserve(np_lb_t *lb, size_t n, bint fresh, np_chunk_t **pc) noexcep
             np_spin_unlock(&lb.lock)
             break
         np_spin_unlock(&lb.lock)
+        node = _node_new(node)
         if node == NULL:
-            node = _node_get(lb)
-            if node == NULL:
-                break
+            break
         if need_chunk and c == NULL:
             c = np_chunk_alloc(n if n > lb.size_hint else lb.size_hint)
             if c == NULL:
                 break
     if c != NULL:
         np_chunk_decref(c)
-    _node_put(lb, node)
+    PyMem_RawFree(node)      # unused (only if the buffer changed under us, or ENOMEM)
     return p
+
+
+cdef int _write_fresh(np_lb_t *lb, const char *src, size_t n, np_node_t *node) noexcept nogil:
+    """Append src[:n] in a new chunk, filled before it is linked (nobody can
+    see it yet, so no reference is needed for the copy); `node` is the spare
+    taken under the lock, or NULL. Called without the lock. -1 on ENOMEM or
+    when the buffer is closed."""
+    cdef np_chunk_t *c = np_chunk_alloc(n if n > lb.size_hint else lb.size_hint)
+    if c == NULL:
+        PyMem_RawFree(node)
+        return -1
+    memcpy(c.data, src, n)
+    c.used = n
+    c.owner = lb.id
+    np_spin_lock(&lb.lock)
+    if node == NULL:
+        node = _spare_take(lb)
+        if node == NULL:
+            np_spin_unlock(&lb.lock)
+            node = _node_new(NULL)
+            np_spin_lock(&lb.lock)
+    if lb.closed or node == NULL:
+        np_spin_unlock(&lb.lock)
+        np_chunk_decref(c)
+        PyMem_RawFree(node)
+        return -1
+    _node_link(lb, node, c, 0, n)
+    lb.unflushed += n
+    np_spin_unlock(&lb.lock)
+    return 0
 
 
 cdef np_node_t *_consume(np_lb_t *lb, size_t n) noexcept nogil:
@@ -732,8 +793,7 @@ cdef bint _copy_walk(np_lb_t *lb, char *dst, size_t n, bint consume) noexcept no
         ok = _walk_valid(lb, &w)
         if ok:
             g = _consume(lb, n)
-        np_spin_unlock(&lb.lock)
-        _reap(lb, g)
+        _unlock_reap(lb, g)
     return ok
 
 
@@ -759,8 +819,7 @@ cdef bint _copy_locked(np_lb_t *lb, char *dst, size_t n, bint consume) noexcept 
         if consume:
             g = _consume(lb, n)
         ok = True
-    np_spin_unlock(&lb.lock)
-    _reap(lb, g)
+    _unlock_reap(lb, g)
     return ok
 
 
@@ -840,6 +899,7 @@ cdef np_lb_t *np_lb_new(size_t size_hint) noexcept nogil:
         return NULL
     memset(lb, 0, sizeof(np_lb_t))
     np_spin_init(&lb.lock)
+    lb.tailless = 1
     lb.size_hint = size_hint if size_hint > 0 else DEFAULT_CHUNK
     np_spin_lock(&pool_lock)
     lb.id = next_buffer_id
@@ -853,25 +913,31 @@ cdef void np_lb_clear(np_lb_t *lb) noexcept nogil:
     np_spin_lock(&lb.lock)
     if not lb.reserving:
         g = _drop_all(lb)
-    np_spin_unlock(&lb.lock)
-    _reap(lb, g)
+    _unlock_reap(lb, g)
 
 
 cdef void np_lb_free(np_lb_t *lb) noexcept nogil:
     if lb == NULL:
         return
-    _reap(lb, _drop_all(lb))
+    _reap(_drop_all(lb))
     PyMem_RawFree(lb.spare)
     PyMem_RawFree(lb)
 
 
 cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t chunk, size_t *cap) noexcept nogil:
     cdef np_chunk_t *c = NULL
+    cdef np_chunk_t *tc
     cdef np_node_t *node = NULL
     cdef char *p = NULL
     cap[0] = 0
     if want == 0:
         want = 1
+    if chunk < lb.size_hint:
+        chunk = lb.size_hint
+    if chunk < want:
+        chunk = want
+    if np_atomic_load_int(&lb.tailless):
+        c = np_chunk_alloc(chunk)     # no tail: a new chunk will be needed (allocated unlocked)
     while True:
         np_spin_lock(&lb.lock)
         if lb.closed or lb.reserving or lb.unflushed:
@@ -879,13 +945,14 @@ cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t chunk, size_t *cap) no
             np_spin_unlock(&lb.lock)
             break
         if _tail_room(lb) >= want:
-            c = lb.tail.chunk
+            tc = lb.tail.chunk
             lb.reserving = 1
-            cap[0] = c.cap - c.used
-            p = c.data + c.used
-            c = NULL
+            cap[0] = tc.cap - tc.used
+            p = tc.data + tc.used
             np_spin_unlock(&lb.lock)
             break
+        if node == NULL:
+            node = _spare_take(lb)
         if c != NULL and node != NULL:
             c.owner = lb.id
             _node_link(lb, node, c, 0, 0)
@@ -898,19 +965,16 @@ cdef char *np_lb_reserve(np_lb_t *lb, size_t want, size_t chunk, size_t *cap) no
             break
         np_spin_unlock(&lb.lock)
         # Allocate without the lock, then look again.
+        node = _node_new(node)
         if node == NULL:
-            node = _node_get(lb)
-            if node == NULL:
-                break
+            break
         if c == NULL:
-            if chunk < lb.size_hint:
-                chunk = lb.size_hint
-            c = np_chunk_alloc(want if want > chunk else chunk)
+            c = np_chunk_alloc(chunk)
             if c == NULL:
                 break
     if c != NULL:
         np_chunk_decref(c)
-    _node_put(lb, node)
+    PyMem_RawFree(node)      # unused (only if the buffer changed under us, or ENOMEM)
     return p
 
 
@@ -958,9 +1022,9 @@ cdef void np_lb_consume(np_lb_t *lb, size_t n, bint release) noexcept nogil:
         g = _consume(lb, n)
     if release and lb.readable == 0 and lb.unflushed == 0 and not lb.reserving:
         rest = _drop_all(lb)
-    np_spin_unlock(&lb.lock)
-    _reap(lb, g)
-    _reap(lb, rest)
+    _unlock_reap(lb, rest)
+    if g != NULL:
+        _reap(g)
 
 
 cdef void np_lb_release(np_lb_t *lb) noexcept nogil:
@@ -968,8 +1032,7 @@ cdef void np_lb_release(np_lb_t *lb) noexcept nogil:
     np_spin_lock(&lb.lock)
     if lb.readable == 0 and lb.unflushed == 0 and not lb.reserving:
         g = _drop_all(lb)
-    np_spin_unlock(&lb.lock)
-    _reap(lb, g)
+    _unlock_reap(lb, g)
 
 # ------------------------------------------------------------ Python views
 
@@ -1024,6 +1087,20 @@ cdef object np_export_chunk(np_chunk_t *c, char *p, size_t n, bint readonly):
     return PyMemoryView_FromObject(_exporter(c, p, n, readonly))
 
 
+cdef inline bint _retire(_ChunkView cv, bint detach):
+    """Make new exports of a malloc() exporter read-only; True if, with
+    `detach`, it is still exported (something may still write through it)."""
+    cv.readonly = True
+    return detach and cv.exports > 0
+
+
+cdef inline void _release_view(object view):
+    try:
+        view.release()       # a no-op if the user released it already
+    except BufferError:
+        pass                 # exported itself (a ctypes/numpy object over it, a send in progress)
+
+
 cdef Py_ssize_t _size_arg(object n, str what) except -1:
     if not isinstance(n, int):
         raise TypeError(f"{what} must be an int, not {type(n).__name__}")
@@ -1059,7 +1136,7 @@ cdef class LinkBuffer:
         if self.lb != NULL:
             if not self.owns:
                 raise TypeError("a connection's buffer cannot be re-initialised")
-            self._mviews = None
+            self._mview = self._mexp = self._mmore = None
             np_lb_clear(self.lb)
             self.lb.closed = 0
             if hint > 0:
@@ -1118,8 +1195,7 @@ cdef class LinkBuffer:
             np_chunk_incref(c)
             if consume:
                 g = _consume(lb, n)
-        np_spin_unlock(&lb.lock)
-        _reap(lb, g)
+        _unlock_reap(lb, g)
         if c != NULL:
             return np_export_chunk(c, p, n, True)
         return self._gather(n, consume)
@@ -1232,8 +1308,7 @@ cdef class LinkBuffer:
             np_spin_lock(&self.lb.lock)
             if self.lb.readable >= k:
                 g = _consume(self.lb, k)
-            np_spin_unlock(&self.lb.lock)
-            _reap(self.lb, g)
+            _unlock_reap(self.lb, g)
 
     def until(self, delim):
         """Consume and return the bytes up to and including the first `delim`.
@@ -1308,8 +1383,7 @@ cdef class LinkBuffer:
         node = _first_data_node(self.lb)
         b = <unsigned char>node.chunk.data[node.off]
         g = _consume(self.lb, 1)
-        np_spin_unlock(&self.lb.lock)
-        _reap(self.lb, g)
+        _unlock_reap(self.lb, g)
         return b
 
     def slice(self, n):
@@ -1358,7 +1432,9 @@ cdef class LinkBuffer:
                     node = node.next
                 g = _consume(src, k)
                 done = True
-            np_spin_unlock(&src.lock)
+                _unlock_reap(src, g)
+            else:
+                np_spin_unlock(&src.lock)
             while have < need:
                 nn = <np_node_t *>PyMem_RawMalloc(sizeof(np_node_t))
                 if nn == NULL:
@@ -1367,7 +1443,6 @@ cdef class LinkBuffer:
                 nn.next = chain
                 chain = nn
                 have += 1
-        _reap(src, g)
         _free_nodes(chain)
         _publish(dst, k)
         return out
@@ -1411,11 +1486,14 @@ cdef class LinkBuffer:
             raise MemoryError(f"cannot allocate {k} bytes")
         cv = _exporter(c, p, k, False)
         view = PyMemoryView_FromObject(cv)
-        if self._mviews is None:
-            self._mviews = [view, cv]
+        if self._mexp is None:
+            self._mview = view
+            self._mexp = cv
         else:
-            self._mviews.append(view)
-            self._mviews.append(cv)
+            if self._mmore is None:
+                self._mmore = []
+            self._mmore.append(view)
+            self._mmore.append(cv)
         return view
 
     cdef int _settle(self, bint detach) except -1:
@@ -1423,28 +1501,37 @@ cdef class LinkBuffer:
         one still exported elsewhere cannot be released, so with `detach` the
         buffer moves the bytes it covers to fresh memory (_detach) and it
         keeps writing into memory nothing reads."""
-        cdef list views = self._mviews
+        cdef list more = self._mmore
+        cdef _ChunkView cv = <_ChunkView>self._mexp
         cdef list stuck = None
-        cdef _ChunkView cv
         cdef Py_ssize_t i
-        self._mviews = None
-        for i in range(0, len(views), 2):
-            try:
-                views[i].release()   # no-op if the user released it already
-            except BufferError:
-                pass                 # exported (a numpy array over it, a buffer in use)
-            cv = <_ChunkView>views[i + 1]
-            cv.readonly = True       # new exports of it are read-only
-            if detach and cv.exports > 0:
-                if stuck is None:
-                    stuck = []
-                stuck.append(views[i])
-                stuck.append(cv)
+        # A view referenced elsewhere is released; one referenced only here
+        # is released by dropping it (unless a slice keeps its buffer).
+        if self._mview is not None and (<PyObject *>self._mview).ob_refcnt > 1:
+            _release_view(self._mview)
+        self._mview = self._mexp = self._mmore = None
+        if _retire(cv, detach):
+            stuck = [cv]
+        if more is not None:
+            for i in range(0, len(more), 2):
+                if more[i] is not None and (<PyObject *>more[i]).ob_refcnt > 2:  # list + temp
+                    _release_view(more[i])
+                more[i] = None
+                cv = <_ChunkView>more[i + 1]
+                if _retire(cv, detach):
+                    if stuck is None:
+                        stuck = []
+                    stuck.append(cv)
         if stuck is not None:
-            for i in range(0, len(stuck), 2):
-                cv = <_ChunkView>stuck[i + 1]
+            for i in range(len(stuck)):
+                cv = <_ChunkView>stuck[i]
                 if _detach(self.lb, cv.chunk, cv.ptr, <size_t>cv.size) < 0:
-                    self._mviews = stuck[i:]     # retried at the next flush/malloc_ack
+                    # Retried at the next flush/malloc_ack.
+                    self._mexp = cv
+                    self._mmore = []
+                    for cv in stuck[i + 1:]:
+                        self._mmore.append(None)
+                        self._mmore.append(cv)
                     raise MemoryError("cannot detach a malloc() view still in use")
         return 0
 
@@ -1479,9 +1566,8 @@ cdef class LinkBuffer:
             acc += node.len
             node = node.next
         lb.unflushed = k
-        np_spin_unlock(&lb.lock)
-        _reap(lb, g)
-        if self._mviews is not None:
+        _unlock_reap(lb, g)
+        if self._mexp is not None:
             self._settle(True)
 
     cdef int _write(self, const char *src, size_t n) except -1:
@@ -1490,15 +1576,27 @@ cdef class LinkBuffer:
         cdef char *p = NULL
         if n == 0:
             return 0
+        cdef np_node_t *node = NULL
         if n <= LOCKED_BYTES_MAX:
-            # The common case: a small copy into the tail's room, under the lock.
+            if np_atomic_load_int(&lb.tailless):
+                # No tail (the usual case after a release): a new chunk, filled
+                # before the lock is taken.
+                if _write_fresh(lb, src, n, NULL) == 0:
+                    return 0
+                self._check(LB_WRITE)
+                raise MemoryError(f"cannot allocate {n} bytes")
+            # A small copy into the tail's room, under the lock.
             np_spin_lock(&lb.lock)
             if not lb.closed and _tail_room(lb) >= n:
                 p = _grow_tail(lb, n)
                 memcpy(p, src, n)
+            else:
+                node = _spare_take(lb)
             np_spin_unlock(&lb.lock)
-            if p != NULL:
+            if p != NULL or _write_fresh(lb, src, n, node) == 0:
                 return 0
+            self._check(LB_WRITE)
+            raise MemoryError(f"cannot allocate {n} bytes")
         # Reserve (allocating without the lock), then copy without the lock:
         # the bytes are unflushed, so no reader looks at them yet, and the
         # chunk reference keeps them valid whatever happens to the buffer.
@@ -1537,11 +1635,15 @@ cdef class LinkBuffer:
         # Never a malloc view's memory: a slice of it may still be writable.
         if c == NULL or cv.mutable or p < c.data or p + pb.len > c.data + c.used:
             return False
-        node = _node_get(lb)
-        if node == NULL:
-            raise MemoryError()
-        np_chunk_incref(c)
         np_spin_lock(&lb.lock)
+        node = _spare_take(lb)
+        if node == NULL:
+            np_spin_unlock(&lb.lock)
+            node = _node_new(NULL)
+            if node == NULL:
+                raise MemoryError()
+            np_spin_lock(&lb.lock)
+        np_chunk_incref(c)
         _node_link(lb, node, c, <size_t>(p - c.data), <size_t>pb.len)
         lb.unflushed += <size_t>pb.len
         np_spin_unlock(&lb.lock)
@@ -1682,6 +1784,8 @@ cdef class LinkBuffer:
             dst.unflushed += moved
             src.total_out += src.readable
             src.head = src.tail = NULL
+            np_atomic_store_int(&src.tailless, 1)
+            np_atomic_store_int(&dst.tailless, 0)
             src.unflushed = 0
             src.epoch += 1
             np_atomic_store_size(&src.readable, 0)
@@ -1693,7 +1797,7 @@ cdef class LinkBuffer:
         Views from malloc() stop being writable (see malloc)."""
         self._check(LB_WRITE)
         cdef np_lb_t *lb = self.lb
-        if self._mviews is not None:
+        if self._mexp is not None:
             self._settle(True)
         np_spin_lock(&lb.lock)
         if lb.unflushed:
@@ -1710,13 +1814,12 @@ cdef class LinkBuffer:
             return
         # Views from malloc() stay writable (and safe: they hold their chunks),
         # but nothing reads their memory any more.
-        self._mviews = None
+        self._mview = self._mexp = self._mmore = None
         np_spin_lock(&self.lb.lock)
         self.lb.closed = 1
         if not self.lb.reserving:
             g = _drop_all(self.lb)
-        np_spin_unlock(&self.lb.lock)
-        _reap(self.lb, g)
+        _unlock_reap(self.lb, g)
 
     def __repr__(self):
         if self.lb == NULL or self.lb.closed:

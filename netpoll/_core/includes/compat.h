@@ -58,11 +58,6 @@ static inline size_t np_atomic_load_size_relaxed(size_t *p) { return __atomic_lo
 static inline void np_atomic_store_size_relaxed(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 static inline size_t np_atomic_add_size(size_t *p, size_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
 static inline size_t np_atomic_sub_size(size_t *p, size_t v) { return __atomic_sub_fetch(p, v, __ATOMIC_RELAXED); }
-/* A one-slot exchange (the LinkBuffer's spare node), usable without a lock. */
-static inline void *np_atomic_xchg_ptr(void **p, void *v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
-static inline int np_atomic_cas_ptr(void **p, void *expected, void *desired) {
-    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-}
 
 /* ------------------------------------------------------------- spinlock */
 
