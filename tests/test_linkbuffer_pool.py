@@ -68,7 +68,7 @@ def test_pool_stats_keys():
                 "thread_chunks_cached", "thread_bytes_cached", "thread_caches",
                 "direct_chunks_in_use", "direct_bytes_in_use"):
         assert isinstance(st[key], int) and st[key] >= 0, key
-    for size, cls in st["classes"].items():
+    for cls in st["classes"].values():
         assert set(cls) == {"in_use", "cached", "thread_cached"}
         assert min(cls.values()) >= 0
 

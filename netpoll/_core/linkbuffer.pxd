@@ -55,8 +55,9 @@ cdef struct np_lb_t:
     uint64_t total_out   # bytes ever consumed
     uint64_t epoch       # bumped when nodes are dropped unconsumed (clear/close/release/append)
     np_node_t *spare     # one freed node kept for the next append (no malloc per message)
-    int tailless         # tail == NULL (atomic store under the lock): a writer's hint to
-                         # allocate a chunk before taking the lock
+    # tail == NULL (atomic store under the lock): a writer's hint to allocate
+    # a chunk before taking the lock
+    int tailless
     int reserving
     int closed
 

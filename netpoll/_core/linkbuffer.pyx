@@ -444,7 +444,6 @@ def pool_trim():
     (the pool refills on demand). Other threads' caches are theirs to touch:
     they go back to the shared pool when their thread exits."""
     cdef int i
-    cdef size_t n
     cdef np_chunk_t *b
     cdef np_chunk_t *nxt
     cdef tcache_t *tc = <tcache_t *>np_lb_tc_get()
