@@ -245,3 +245,39 @@ def test_stale_malloc_views_change_nothing(ops, seed):
             assert bytes(v) == expected
     b.flush()
     assert b.bytes() == readable + unflushed
+
+
+def test_connection_writer_view_released_at_flush():
+    """A connection's writer is a LinkBuffer: the same rule after flush()."""
+    import socket
+
+    import netpoll
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(10)
+    conn = netpoll.dial_connection("tcp", srv.getsockname(), timeout=5.0)
+    peer, _ = srv.accept()
+    peer.settimeout(10)
+    try:
+        w = conn.writer
+        m = w.malloc(4)
+        m[:] = b"abcd"
+        keep = m[1:]
+        w.flush()
+        with pytest.raises(ValueError):
+            m[0] = ord("X")
+        keep[:] = b"XYZ"          # detached: changes nothing queued or sent
+        w.write_binary(b"!")
+        w.flush()
+        got = b""
+        while len(got) < 5:
+            chunk = peer.recv(5 - len(got))
+            assert chunk
+            got += chunk
+        assert got == b"abcd!"
+    finally:
+        conn.close()
+        peer.close()
+        srv.close()
