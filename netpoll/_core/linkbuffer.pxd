@@ -3,12 +3,13 @@
 # the GIL; the Python half (LinkBuffer) hands out memory-safe views.
 #
 # Concurrency contract. Every np_lb_* call takes the buffer's lock (a
-# spinlock), so no call can corrupt the structure whatever the interleaving;
-# the lock covers pointer and counter updates and copies of at most a few KiB
-# only: chunks and nodes are allocated before it is taken and freed after it
-# is dropped, larger copies run outside it on chunk references, and it is
-# never held across a syscall, Python code or the GIL. The contract says
-# which interleavings give meaningful data:
+# spinlock), so no call can corrupt the structure whatever the interleaving.
+# The lock covers pointer and counter updates, walks along the node list and
+# copies or scans of at most 8 KiB: chunks and nodes are allocated before it
+# is taken and freed after it is dropped, larger copies and scans run outside
+# it on chunk references, and it is never held across malloc/free, a
+# syscall, Python code or the GIL. The contract says which interleavings give
+# meaningful data:
 #   - one "reader" thread (next/peek/skip/until/release/read_*/slice/bytes,
 #     np_lb_iovecs/np_lb_consume) and one "writer" thread (malloc/malloc_ack/
 #     write_*/append/flush, np_lb_reserve/np_lb_commit) may run at the same time;
