@@ -16,8 +16,12 @@
 #   - the bytes between np_lb_reserve and np_lb_commit are written without the
 #     lock (that is the recv()); while a reservation is open the reader never
 #     frees or resets the tail chunk;
+#   - large writes (write_binary & co. above 8 KiB) copy into unflushed bytes
+#     without the lock, holding a reference to their chunk: no reader sees
+#     unflushed bytes, and only the writer flushes them;
 #   - the bytes np_lb_iovecs points at stay valid until the same thread
-#     consumes them (only the reader, np_lb_clear or close free them);
+#     consumes them, unless np_lb_clear or close runs meanwhile (they free
+#     them: the caller must not clear a buffer it is sending from);
 #   - np_lb_readable() is a lock-free atomic load, safe from any thread.
 #   - close() must not race with other calls on the same buffer (it is still
 #     memory-safe if it does: views and in-flight copies hold chunk references).
