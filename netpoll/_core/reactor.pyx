@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -59,7 +59,7 @@ from netpoll._core.sockio cimport np_recv, np_send, np_send_lb
 from netpoll._core.timer cimport (np_timer_t, np_timer_heap_t, timer_init, timer_heap_push,
                                   timer_heap_remove)
 from netpoll._core.linkbuffer cimport (
-    np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_lb_new, np_lb_readable,
+    np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_export_chunk, np_lb_new, np_lb_readable,
     np_lb_reserve, np_lb_commit, np_lb_clear, np_lb_free,
 )
 
@@ -278,26 +278,6 @@ cdef void _handler_free(np_op_t *op) noexcept nogil:
     pthread_mutex_destroy(&h.op.lock)
     PyMem_RawFree(h)
 
-
-cdef class _ReadView:
-    """Read-only export of one read: holds a reference to the chunk, so the
-    bytes stay valid (and unchanged) as long as any view of them lives."""
-    cdef np_chunk_t *chunk
-    cdef char *ptr
-    cdef Py_ssize_t size
-
-    def __getbuffer__(self, Py_buffer *buf, int flags):
-        if flags & PyBUF_WRITABLE:
-            raise BufferError("netpoll: read() views are read-only")
-        PyBuffer_FillInfo(buf, self, self.ptr, self.size, 1, flags)
-
-    def __releasebuffer__(self, Py_buffer *buf):
-        pass
-
-    def __dealloc__(self):
-        if self.chunk != NULL:
-            np_chunk_decref(self.chunk)
-            self.chunk = NULL
 
 # ---------------------------------------------------------- the poller side
 
@@ -626,11 +606,7 @@ cdef class EvHandler(Operator):
                 e = errno
         if r > 0:
             np_chunk_incref(c)
-            v = _ReadView.__new__(_ReadView)
-            (<_ReadView>v).chunk = c
-            (<_ReadView>v).ptr = c.data
-            (<_ReadView>v).size = r
-            return memoryview(v)
+            return np_export_chunk(c, c.data, <size_t>r, True)
         if r < 0 and (e == EAGAIN or e == EWOULDBLOCK):
             raise BlockingIOError(e, "netpoll: no data available")
         if r < 0:
@@ -1318,7 +1294,7 @@ cdef class Reactor:
         (the fd is already in this poller's set), EBADF (not an open fd)."""
         cdef _ReactorPoller rp
         cdef _ReactorPoller old_rp
-        cdef int cfd, e
+        cdef int cfd, e = 0
         if isinstance(fd, bool) or not isinstance(fd, int):
             raise TypeError("fd must be an int")
         if not 0 <= fd <= FD_MAX:
