@@ -9,6 +9,9 @@ Workloads
       random bytes) arrives in 1 KiB chunks; after each chunk every complete
       frame is parsed (length, then a view/bytes of the body).
   bulk-copy: 64 MiB written in 64 KiB chunks, then read back in 16 KiB reads.
+  small-messages: 100k request-sized messages (32..1024 bytes) each written
+      (write_binary, or malloc + fill), flushed, read back with next() and
+      released: the per-request path of a connection's buffers.
 """
 import io
 import random
@@ -207,3 +210,47 @@ def test_bulk_copy(benchmark, impl):
     reads, crc = _run(benchmark, BULK[impl], "bulk-copy (64 MiB: 64 KiB writes, 16 KiB reads)")
     assert reads == BULK_TOTAL // BULK_READ
     assert crc == BULK_CRC_LAST
+
+
+# ----------------------------------------------------------------- small messages
+
+SMALL_COUNT = 100_000
+_small_rng = random.Random(2)
+SMALL_POOL = _small_rng.randbytes(2048)
+SMALL_SIZES = [_small_rng.randint(32, 1024) for _ in range(SMALL_COUNT)]
+SMALL_MSGS = [SMALL_POOL[:n] for n in SMALL_SIZES]
+SMALL_BYTES = sum(SMALL_SIZES)
+
+
+def small_write_binary():
+    buf = LinkBuffer()
+    total = 0
+    for msg in SMALL_MSGS:
+        buf.write_binary(msg)
+        buf.flush()
+        total += len(buf.next(len(msg)))
+        buf.release()
+    buf.close()
+    return total
+
+
+def small_malloc():
+    buf = LinkBuffer()
+    total = 0
+    for msg in SMALL_MSGS:
+        n = len(msg)
+        buf.malloc(n)[:] = msg
+        buf.flush()
+        total += len(buf.next(n))
+        buf.release()
+    buf.close()
+    return total
+
+
+SMALL = {"write_binary": small_write_binary, "malloc": small_malloc}
+
+
+@pytest.mark.parametrize("impl", list(SMALL))
+def test_small_messages(benchmark, impl):
+    total = _run(benchmark, SMALL[impl], "small-messages (100k of 32..1024 B)")
+    assert total == SMALL_BYTES

@@ -67,6 +67,8 @@ def TestOneInput(data: bytes) -> None:
     pending = bytearray()         # model: written, not flushed
     views = []                    # (memoryview, expected bytes): must stay valid
     slices = []                   # (LinkBuffer, expected bytes)
+    handles = []                  # slices of malloc views not yet flushed or acked
+    stale = []                    # ...and of those flushed/acked: writing must change nothing
     closed = False
     ops = 0
     while rd.left() and ops < 400:
@@ -83,10 +85,14 @@ def TestOneInput(data: bytes) -> None:
                 fill = rd.take(n)
                 m[:] = fill
                 pending += fill
+                if n and rd.byte() & 1:
+                    handles.append(m[rd.byte() % n:])
             elif op == 2:
                 buf.flush()
                 readable += pending
                 pending.clear()
+                stale += handles
+                handles.clear()
             elif op == 3:
                 n = rd.size()
                 ok = n <= len(readable)
@@ -164,7 +170,14 @@ def TestOneInput(data: bytes) -> None:
                 k = rd.size() % (len(pending) + 1)
                 buf.malloc_ack(k)        # keeps the first k unflushed bytes
                 del pending[k:]
+                stale += handles
+                handles.clear()
             elif op == 13:
+                for h in stale:          # flush/malloc_ack took write access back
+                    try:
+                        h[:] = b"\xEE" * len(h)
+                    except ValueError:
+                        pass             # released
                 assert len(buf) == len(readable)
                 assert buf.malloc_len() == len(pending)
             elif op == 14:

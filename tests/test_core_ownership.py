@@ -250,3 +250,53 @@ def test_output_limit_setters_validate(make_server):
     assert conn.output_buffered() == 0
     with pytest.raises(ValueError):
         netpoll.EventLoop(lambda ctx, conn: None, output_limit=-5)
+
+
+# ------------------------------------------------------- loop failures
+
+def test_poller_survives_its_poll_set_being_replaced():
+    """epoll_wait failing (someone dup2()ed a file over the poll set's number)
+    used to end the poller thread silently. It must log, move to a fresh
+    poll set with every interest, leave the foreign file alone and serve on."""
+    r = _run("""
+        import logging, os, threading
+        import netpoll
+        logging.basicConfig(level=logging.ERROR, format="LOG %(message)s")
+
+        def echo(ctx, conn):
+            conn.write(bytes(conn.reader.next(len(conn.reader))))
+
+        listener = netpoll.create_listener("tcp", "127.0.0.1:0")
+        loop = netpoll.EventLoop(echo, runner="inline")
+        threading.Thread(target=loop.serve, args=(listener,), daemon=True).start()
+        d = netpoll.Dialer(read_timeout=5)
+        conn = d.dial_connection("tcp", listener.addr, timeout=2)
+        conn.write(b"a")
+        assert conn.read(1) == b"a"
+        eps = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]":
+                    eps.append(int(name))
+            except OSError:
+                pass
+        assert eps
+        null = os.open("/dev/null", os.O_RDONLY)
+        for fd in eps:
+            os.dup2(null, fd)
+        conn.write(b"b")                  # wakes the poller from its old set
+        assert conn.read(1) == b"b"
+        conn2 = d.dial_connection("tcp", listener.addr, timeout=2)
+        conn2.write(b"c")                 # served only if the poller lives on
+        assert conn2.read(1) == b"c"
+        conn.write(b"d")
+        assert conn.read(1) == b"d"
+        for fd in eps:                    # the foreign file was left alone
+            assert os.path.samestat(os.fstat(fd), os.fstat(null))
+        print("ERRORS", netpoll.stats()["pollers"][0]["errors"])
+        conn.close(); conn2.close()
+        loop.shutdown(5)
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split("ERRORS")[1]) >= 1
+    assert "LOG netpoll: poller 0:" in r.stderr

@@ -453,18 +453,21 @@ def test_read_byte_takes_no_argument():
 # ---------------------------------------------------------------------------
 
 def test_next_within_one_node_is_zero_copy():
-    # Writing through the (still alive) malloc view after flush is allowed;
-    # if next/peek are zero-copy for single-node data, the read views see it.
+    # Views of single-node data share the buffer's chunk: no chunk is allocated.
+    # (The malloc view itself is released at flush, see test_linkbuffer_views.)
     buf = LinkBuffer()
     m = buf.malloc(100)
-    m[:] = b"a" * 100
+    m[:] = b"a" * 99 + b"b"
     buf.flush()
+    gc.collect()
+    before = pool_stats()["chunks_in_use"]
     p = buf.peek(10)
     v = buf.next(10)
-    m[0] = ord("b")
-    m[5] = ord("c")
-    assert bytes(p[:6]) == b"baaaac"
-    assert bytes(v[:6]) == b"baaaac"
+    w = buf.next(90)
+    assert pool_stats()["chunks_in_use"] == before
+    assert bytes(p) == bytes(v) == b"a" * 10 and bytes(w) == b"a" * 89 + b"b"
+    with pytest.raises(ValueError):
+        m[0] = ord("b")
 
 
 def test_slice_within_one_node_is_zero_copy():
@@ -472,9 +475,13 @@ def test_slice_within_one_node_is_zero_copy():
     m = buf.malloc(100)
     m[:] = b"a" * 100
     buf.flush()
+    gc.collect()
+    before = pool_stats()["chunks_in_use"]
     s = buf.slice(10)
-    m[1] = ord("z")
-    assert s.bytes() == b"azaaaaaaaa"
+    assert pool_stats()["chunks_in_use"] == before
+    with pytest.raises(ValueError):
+        m[1] = ord("z")
+    assert s.bytes() == b"a" * 10
 
 
 def test_slice_does_not_allocate_chunks():
@@ -782,17 +789,20 @@ def test_malloc_filled_after_later_write():
 def test_malloc_view_safe_after_flush_release_close():
     buf = LinkBuffer()
     m = buf.malloc(MULTI_NODE)
+    keep = m[:]                       # outlives the release of m at flush
     m[:] = b"\x01" * MULTI_NODE
     buf.flush()
+    with pytest.raises(ValueError):
+        m[0] = 2
     buf.skip(MULTI_NODE)
     buf.release()
-    m[:] = b"\x02" * MULTI_NODE  # must not corrupt anything / crash
+    keep[:] = b"\x02" * MULTI_NODE  # must not corrupt anything / crash
     buf.write_binary(b"after")
     buf.flush()
     assert buf.bytes() == b"after"
     buf.close()
-    m[:] = b"\x03" * MULTI_NODE
-    assert bytes(m) == b"\x03" * MULTI_NODE
+    keep[:] = b"\x03" * MULTI_NODE
+    assert bytes(keep) == b"\x03" * MULTI_NODE
     other = filled(b"\x04" * 100)
     assert other.bytes() == b"\x04" * 100
 

@@ -615,10 +615,10 @@ def test_inline_flush_queues_and_the_poller_sends_it(make_server):
     def handler(ctx, conn):
         conn.reader.skip(len(conn.reader))
         conn.writer.write_binary(payload)
-        conn.writer.flush()               # inline: queues and returns
+        conn.writer.flush()               # inline, no output limit: queues and returns
         returned.set()
 
-    srv = make_server(handler, runner="inline")
+    srv = make_server(handler, runner="inline", output_limit=None)
     s = srv.connect()
     s.sendall(b"go")
     assert returned.wait(3), "an inline flush blocked until the peer read"

@@ -131,8 +131,10 @@ def test_write_timeout_raises_when_the_peer_never_reads(make_server, record_prop
 @pytest.mark.timeout(30)
 def test_inline_flush_to_a_stuck_peer_is_bounded_by_the_write_timeout(make_server,
                                                                       big_payload):
-    """An inline flush returns at once; when the peer does not take the bytes
-    within the write timeout the connection is closed."""
+    """Without an output limit an inline flush returns at once; when the peer
+    does not take the bytes within the write timeout the connection is
+    closed. (Above an output limit the flush itself waits and raises
+    WriteTimeoutError: tests/test_core_ownership.py.)"""
     T = 0.3
     out = {}
     closed = threading.Event()
@@ -145,7 +147,7 @@ def test_inline_flush_to_a_stuck_peer_is_bounded_by_the_write_timeout(make_serve
         conn.writer.flush()
         out["returned"] = time.monotonic() - out["t0"]
 
-    srv = make_server(handler, runner="inline", write_timeout=T)
+    srv = make_server(handler, runner="inline", write_timeout=T, output_limit=None)
     s = srv.connect()
     s.sendall(b"go")                      # and never read
     assert closed.wait(5), "the connection was never closed"

@@ -34,7 +34,7 @@ from netpoll._core.linkbuffer cimport (
     np_lb_reserve, np_lb_commit, np_lb_release, np_lb_clear,
 )
 from netpoll._core.poller cimport (
-    Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
+    Operator, Poller, np_op_t, np_op_kind_t, np_kind_init, np_poller_t, np_op_init, np_op_own_fd,
     np_op_incref, np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd,
     np_op_gil, np_op_defer, np_poller_timer_push, np_on_poller_thread, np_on_any_poller,
     np_poller_kick, np_poller_wake_ack, np_poller_set_tick,
@@ -99,12 +99,7 @@ def set_buffer_size(size_t n):
 # ------------------------------------------------------------ the operator
 
 cdef np_op_kind_t CONN_KIND
-CONN_KIND.name = "connection"
-CONN_KIND.ready = _conn_ready
-CONN_KIND.timer = _conn_timer
-CONN_KIND.task = _conn_task
-CONN_KIND.deferred = _conn_deferred
-CONN_KIND.free = _conn_free
+np_kind_init(&CONN_KIND, "connection", _conn_ready, _conn_timer, _conn_task, _conn_deferred, _conn_free)
 
 
 cdef np_conn_t *_conn_new(int fd) noexcept nogil:

@@ -75,6 +75,17 @@ cdef struct np_op_kind_t:
     np_op_defer_fn deferred   # queued with np_op_defer: runs before the next wait
     np_op_free_fn free        # frees the kind's fields, then the struct
 
+cdef inline void np_kind_init(np_op_kind_t *k, const char *name, np_op_ready_fn ready,
+                              np_op_timer_fn timer, np_op_task_fn task,
+                              np_op_defer_fn deferred, np_op_free_fn free) noexcept nogil:
+    """Fill a kind's table (at module import; unused entries NULL)."""
+    k.name = name
+    k.ready = ready
+    k.timer = timer
+    k.task = task
+    k.deferred = deferred
+    k.free = free
+
 cdef struct np_op_t:
     const np_op_kind_t *kind
     int fd
@@ -99,7 +110,9 @@ cdef struct np_op_t:
     int deferred
 
 cdef struct np_poller_t:
-    int pfd
+    int pfd                   # the poll set (may move to a new number: _rebuild_poll_set)
+    uint64_t pfd_dev          # its identity, to tell it from a file dup2()ed over it
+    uint64_t pfd_ino
     int wake_r                # wake-up channel (one eventfd, or a pipe on kqueue)
     int wake_w
     int index
@@ -189,6 +202,7 @@ cdef class Poller:
     cdef readonly int index
     cdef dict registry         # id(op) -> Operator, strong references while registered
     cdef object thread
+    cdef double _last_log      # monotonic time of the last error logged
     cdef object __weakref__
     cdef int _register(self, Operator op) except -1
     cdef int _gil_phase(self) except -1

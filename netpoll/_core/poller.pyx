@@ -18,6 +18,7 @@
 import logging
 import os
 import threading
+import time
 
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.ref cimport PyObject
@@ -25,7 +26,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset
 
 from netpoll._core.includes.system cimport (
-    close, errno, EINTR, ENOENT, ENOMEM, np_event_t, NP_EV_READ, NP_POLL_MAX,
+    close, errno, EINTR, ENOENT, ENOMEM, EBADF, EINVAL, np_event_t, NP_EV_READ, NP_POLL_MAX,
     NP_CTL_ADD, NP_CTL_MOD, NP_CTL_DEL, NP_POLL_NEEDS_REBUILD,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_self, pthread_equal,
@@ -40,6 +41,9 @@ from netpoll._core.timer cimport (
 )
 
 log = logging.getLogger("netpoll")
+
+cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned int usec)
 
 # Bytes read before the GIL phase runs (and the replies are sent) even if
 # ready events remain: the bytes are then still in the core's cache when the
@@ -147,6 +151,7 @@ cdef void _rebuild_poll_set(np_poller_t *p) noexcept nogil:
     threads (under operator locks) land in one set or the other; a second
     pass under each operator's lock re-applies every mask to the new set."""
     cdef int nfd, i, n = 0, cap = 0
+    cdef uint64_t dev = 0, ino = 0
     cdef np_op_t *op
     cdef np_op_t **ops = NULL
     if not NP_POLL_NEEDS_REBUILD:
@@ -182,7 +187,11 @@ cdef void _rebuild_poll_set(np_poller_t *p) noexcept nogil:
         if op.events and op.fd >= 0 and not (op.flags & OF_FD_CLOSED):
             np_poll_ctl(nfd, NP_CTL_ADD, op.fd, op.events, 0, op)
         pthread_mutex_unlock(&op.lock)
-    if np_poll_replace(nfd, p.pfd) < 0:
+    if np_fd_identity(p.pfd, &dev, &ino) == 0 and (dev != p.pfd_dev or ino != p.pfd_ino):
+        # The number no longer names our set (someone dup2()ed another file
+        # over it): leave their file alone and move to the new number.
+        np_atomic_store_int(&p.pfd, nfd)
+    elif np_poll_replace(nfd, p.pfd) < 0:
         p.errors += 1
         p.last_error = errno
     for i in range(n):
@@ -383,10 +392,13 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
             return -1
         if n < 0:
             if errno != EINTR:
-                # Logged in the GIL phase; a persistent failure (EBADF: the
-                # poll set was closed under us) must not spin silently.
+                # Logged in the GIL phase. EBADF/EINVAL: our poll set's number
+                # was closed or reused behind our back; a fresh set holding
+                # every interest replaces it before the next wait.
                 p.errors += 1
                 p.last_error = errno
+                if errno == EBADF or errno == EINVAL:
+                    np_atomic_store_int(&p.rebuild, 1)
             n = 0
         p.ev_n = n
         p.ev_i = 0
@@ -468,6 +480,7 @@ cdef class Poller:
         self.p.pfd = np_poll_create()
         if self.p.pfd < 0:
             raise OSError(errno, "netpoll: cannot create the poll set")
+        np_fd_identity(self.p.pfd, &self.p.pfd_dev, &self.p.pfd_ino)
         if np_wakeup_create(&self.p.wake_r, &self.p.wake_w) < 0:
             raise OSError(errno, "netpoll: cannot create the wake-up fd")
         self.p.wake_op.fd = self.p.wake_r
@@ -479,6 +492,7 @@ cdef class Poller:
         self.p.index = index
         self.registry = {}
         self.thread = None
+        self._last_log = -1.0
 
     def start(self):
         """Start the poller thread (idempotent)."""
@@ -514,15 +528,18 @@ cdef class Poller:
             p.thread_set = 0
 
     def _log_error(self):
+        """Log a failure of the loop (at most one line a second), then pause
+        10 ms: a persistent failure must neither spin nor flood the log."""
         cdef np_poller_t *p = self.p
         cdef int e = p.last_error
         p.last_error = 0
-        log.error("netpoll: poller %d: %s (%d errors so far)", self.index,
-                  os.strerror(e), p.errors)
-        if e == ENOMEM:
-            # Do not retry at full speed while memory is out.
-            with nogil:
-                np_poll_wait(p.pfd, p.evs, 0, 10)
+        now = time.monotonic()
+        if now - self._last_log >= 1.0:
+            self._last_log = now
+            log.error("netpoll: poller %d: %s (%d errors so far)", self.index,
+                      os.strerror(e), p.errors)
+        with nogil:
+            usleep(10000)
 
     cdef int _gil_phase(self) except -1:
         """Run everything of this batch that needs Python, GIL held once."""

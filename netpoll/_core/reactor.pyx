@@ -38,30 +38,28 @@ import logging
 import os
 import threading
 
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from netpoll._core.includes.system cimport (
-    close,    pthread_mutex_destroy, np_atomic_load_uint,
-    errno, EAGAIN, EWOULDBLOCK, EINTR,
-    EINPROGRESS,
-    pthread_mutex_lock, pthread_mutex_unlock,
-    NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET, NP_MSG_NOSIGNAL,
+    close, errno, EAGAIN, EWOULDBLOCK, EINPROGRESS,
+    pthread_mutex_lock, pthread_mutex_unlock, pthread_mutex_destroy, np_atomic_load_uint,
+    NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP, NP_EV_ET,
     np_atomic_cas_int, np_atomic_store_int, np_atomic_load_int, np_monotonic_ns,
 )
 from netpoll._core.poller cimport (
-    Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
+    Operator, Poller, np_op_t, np_op_kind_t, np_kind_init, np_poller_t, np_op_init, np_op_own_fd,
     np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd, np_op_gil,
-    np_poller_timer_push, np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
+    np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
 )
 from netpoll._core.sockio cimport np_recv, np_send, np_send_lb
 from netpoll._core.timer cimport (np_timer_t, np_timer_heap_t, timer_init, timer_heap_push,
                                   timer_heap_remove)
 from netpoll._core.linkbuffer cimport (
-    np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_lb_new, np_lb_readable,
+    np_chunk_t, np_chunk_alloc, np_chunk_incref, np_chunk_decref, np_export_chunk, np_lb_new, np_lb_readable,
     np_lb_reserve, np_lb_commit, np_lb_clear, np_lb_free,
 )
 
@@ -227,20 +225,10 @@ cdef inline np_timer_heap_t *_heap_of(np_utimer_t *u) noexcept nogil:
 
 
 cdef np_op_kind_t CTL_KIND
-CTL_KIND.name = "reactor control"
-CTL_KIND.ready = NULL
-CTL_KIND.timer = _ctl_timer
-CTL_KIND.task = _ctl_task
-CTL_KIND.deferred = NULL
-CTL_KIND.free = _ctl_free
+np_kind_init(&CTL_KIND, "reactor control", NULL, _ctl_timer, _ctl_task, NULL, _ctl_free)
 
 cdef np_op_kind_t HANDLER_KIND
-HANDLER_KIND.name = "reactor handler"
-HANDLER_KIND.ready = _handler_ready
-HANDLER_KIND.timer = NULL
-HANDLER_KIND.task = NULL
-HANDLER_KIND.deferred = NULL
-HANDLER_KIND.free = _handler_free
+np_kind_init(&HANDLER_KIND, "reactor handler", _handler_ready, NULL, NULL, NULL, _handler_free)
 
 
 cdef void _ctl_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) noexcept nogil:
@@ -290,26 +278,6 @@ cdef void _handler_free(np_op_t *op) noexcept nogil:
     pthread_mutex_destroy(&h.op.lock)
     PyMem_RawFree(h)
 
-
-cdef class _ReadView:
-    """Read-only export of one read: holds a reference to the chunk, so the
-    bytes stay valid (and unchanged) as long as any view of them lives."""
-    cdef np_chunk_t *chunk
-    cdef char *ptr
-    cdef Py_ssize_t size
-
-    def __getbuffer__(self, Py_buffer *buf, int flags):
-        if flags & PyBUF_WRITABLE:
-            raise BufferError("netpoll: read() views are read-only")
-        PyBuffer_FillInfo(buf, self, self.ptr, self.size, 1, flags)
-
-    def __releasebuffer__(self, Py_buffer *buf):
-        pass
-
-    def __dealloc__(self):
-        if self.chunk != NULL:
-            np_chunk_decref(self.chunk)
-            self.chunk = NULL
 
 # ---------------------------------------------------------- the poller side
 
@@ -638,11 +606,7 @@ cdef class EvHandler(Operator):
                 e = errno
         if r > 0:
             np_chunk_incref(c)
-            v = _ReadView.__new__(_ReadView)
-            (<_ReadView>v).chunk = c
-            (<_ReadView>v).ptr = c.data
-            (<_ReadView>v).size = r
-            return memoryview(v)
+            return np_export_chunk(c, c.data, <size_t>r, True)
         if r < 0 and (e == EAGAIN or e == EWOULDBLOCK):
             raise BlockingIOError(e, "netpoll: no data available")
         if r < 0:
@@ -1330,7 +1294,7 @@ cdef class Reactor:
         (the fd is already in this poller's set), EBADF (not an open fd)."""
         cdef _ReactorPoller rp
         cdef _ReactorPoller old_rp
-        cdef int cfd, e
+        cdef int cfd, e = 0
         if isinstance(fd, bool) or not isinstance(fd, int):
             raise TypeError("fd must be an int")
         if not 0 <= fd <= FD_MAX:

@@ -15,7 +15,7 @@ from netpoll._core.includes.system cimport (
     np_accept, np_atomic_load_uint,
 )
 from netpoll._core.poller cimport (
-    Operator, Poller, np_op_t, np_op_kind_t, np_poller_t, np_op_init, np_op_own_fd,
+    Operator, Poller, np_op_t, np_op_kind_t, np_kind_init, np_poller_t, np_op_init, np_op_own_fd,
     np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd, np_op_gil,
     np_poller_timer_push, OF_REGISTERED, OF_FD_CLOSED, T_REGISTER, T_TEARDOWN,
     GR_EVENT, GR_TEARDOWN,
@@ -34,12 +34,7 @@ cdef enum:
 # ------------------------------------------------------------ the operator
 
 cdef np_op_kind_t LISTENER_KIND
-LISTENER_KIND.name = "listener"
-LISTENER_KIND.ready = _listener_ready
-LISTENER_KIND.timer = _listener_timer
-LISTENER_KIND.task = _listener_task
-LISTENER_KIND.deferred = NULL
-LISTENER_KIND.free = _listener_free
+np_kind_init(&LISTENER_KIND, "listener", _listener_ready, _listener_timer, _listener_task, NULL, _listener_free)
 
 
 cdef void _listener_free(np_op_t *op) noexcept nogil:

@@ -126,9 +126,17 @@ class Server:
     """One server process: started, READY read, CPU and RSS sampled, terminated."""
 
     def __init__(self, name, mode, cpu):
-        script, extra = SERVERS[name]
+        script, extra = SERVERS[name][:2]
+        tree = SERVERS[name][2] if len(SERVERS[name]) > 2 else None
         self.name = name
-        self.cmd = pin_prefix(cpu) + [sys.executable, os.path.join(SERVERS_DIR, script),
+        self.env = None
+        sdir = SERVERS_DIR
+        if tree is not None:
+            # --baseline: the same server script from another checkout, built
+            # in place, imported from there.
+            sdir = os.path.join(tree, "netpoll", "bench", "servers")
+            self.env = dict(os.environ, PYTHONPATH=tree)
+        self.cmd = pin_prefix(cpu) + [sys.executable, os.path.join(sdir, script),
                                       "--mode", mode, "--port", "0"] + extra
         self.proc = None
         self.port = None
@@ -136,7 +144,7 @@ class Server:
 
     def start(self):
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.stderr)
+                                     stderr=self.stderr, env=self.env)
         _live[self.proc.pid] = self.proc
         deadline = time.monotonic() + READY_TIMEOUT
         buf = b""
@@ -547,6 +555,9 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--servers", type=str_list, default=None,
                     help=f"comma-separated, from {','.join(SERVERS)} (default: all that can run here)")
+    ap.add_argument("--baseline", metavar="TREE", default=None,
+                    help="also run servers base-inline and base-pool from another netpoll checkout "
+                         "built in place (before/after comparisons in one run)")
     ap.add_argument("--modes", type=str_list, default=["echo", "framed"], help="echo,framed (default both)")
     ap.add_argument("--sizes", type=int_list, default=None,
                     help="message bytes (default 1024; --full: 64,1024,16384)")
@@ -591,8 +602,16 @@ def main(argv=None):
         args.duration = 3.0 if full else 2.0
     if args.repeat is None:
         args.repeat = 3 if full else 1
+    if args.baseline:
+        tree = os.path.abspath(args.baseline)
+        if not os.path.isfile(os.path.join(tree, "netpoll", "bench", "servers", "netpoll_server.py")):
+            ap.error(f"--baseline {tree}: not a netpoll checkout with bench servers")
+        SERVERS["base-inline"] = ("netpoll_server.py", ["--runner", "inline"], tree)
+        SERVERS["base-pool"] = ("netpoll_server.py", ["--runner", "pool"], tree)
     if args.servers is None:
         args.servers = available_servers()
+        if args.baseline:
+            args.servers += ["base-inline", "base-pool"]
 
     unknown = [s for s in args.servers if s not in SERVERS]
     if unknown:

@@ -54,13 +54,25 @@ static inline int np_atomic_cas_int(int *p, int expected, int desired) {
 
 static inline unsigned int np_atomic_load_uint(unsigned int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 
+/* Statistics counters (the chunk pool's), relaxed: load/store for counters
+ * one thread writes and others only sample (the owner pays a plain load and
+ * store), add/sub for counters every thread updates. */
+static inline size_t np_atomic_load_size_relaxed(size_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void np_atomic_store_size_relaxed(size_t *p, size_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline size_t np_atomic_add_size(size_t *p, size_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+static inline size_t np_atomic_sub_size(size_t *p, size_t v) { return __atomic_sub_fetch(p, v, __ATOMIC_RELAXED); }
+
 /* ------------------------------------------------------------- spinlock */
 
 /* A test-and-test-and-set lock for the LinkBuffer and chunk-pool critical
- * sections: a handful of instructions, never held across a syscall or the
- * GIL. Uncontended it is one atomic exchange and one store, inlined (a
- * pthread mutex costs two calls through the PLT). Under contention it spins
- * briefly, then yields so a preempted holder can run. */
+ * sections. Its users hold it for pointer and counter updates, list walks
+ * and copies of a few KiB at most: never across malloc/free, a syscall,
+ * Python code or the GIL (linkbuffer.pyx allocates before and frees after
+ * its critical sections). It is not reentrant: code that can run Python (a
+ * finalizer, the GC) must never be reached while it is held. Uncontended it
+ * is one atomic exchange and one store, inlined (a pthread mutex costs two
+ * calls through the PLT). Under contention it spins briefly, then yields so
+ * a preempted holder can run. */
 #include <sched.h>
 typedef struct { int v; } np_spin_t;
 
