@@ -73,7 +73,10 @@ class EventLoop:
         # 0 and None: no limit.
         self.input_limit = _validate.size(input_limit, "input_limit", none_ok=True) or 0
         self.output_limit = _validate.size(output_limit, "output_limit", none_ok=True)
-        self._lock = threading.Lock()
+        # Re-entrant: a finalizer run by the GC while it is held (an
+        # allocation in shutdown(), say) may close a connection, which
+        # takes it again in _connection_closed.
+        self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._conns: Set[Connection] = set()
         self._acceptors: List[ListenerOperator] = []
