@@ -270,6 +270,11 @@ def call_shutdown(conn):
         after["write"] = repr(e)
     called.set()
 
+def on_prepare(conn):
+    if hook == "on_prepare" and state["n"] == 1:
+        call_shutdown(conn)
+    return None
+
 def on_connect(ctx, conn):
     state["n"] += 1
     if hook == "on_connect" and state["n"] == 2:
@@ -286,8 +291,8 @@ def on_disconnect(ctx, conn):
         call_shutdown(conn)
 
 lst = netpoll.create_listener("tcp", "127.0.0.1:0")
-loop = netpoll.EventLoop(on_request, on_connect=on_connect, on_disconnect=on_disconnect,
-                         runner=runner)
+loop = netpoll.EventLoop(on_request, on_prepare=on_prepare, on_connect=on_connect,
+                         on_disconnect=on_disconnect, runner=runner)
 served = threading.Event()
 def serve():
     loop.serve(lst)
@@ -317,7 +322,16 @@ if not served.wait(10):
 other.settimeout(5)
 if other.recv(100) != b"":
     print("the other connection was not closed"); os._exit(6)
-if hook != "on_disconnect":
+if hook == "on_disconnect":
+    pass                                # the client closed `me` itself
+elif hook == "on_prepare":
+    me.settimeout(5)
+    try:
+        while me.recv(100):             # on_prepare: closed before it was served
+            pass
+    except OSError:
+        pass
+else:
     me.settimeout(5)
     data = b""
     while True:
@@ -333,7 +347,7 @@ print("OK", flush=True)
 
 
 @pytest.mark.parametrize("runner", ["pool", "inline", "thread"])
-@pytest.mark.parametrize("hook", ["on_request", "on_connect", "on_disconnect"])
+@pytest.mark.parametrize("hook", ["on_prepare", "on_request", "on_connect", "on_disconnect"])
 def test_shutdown_from_a_handler_returns_at_once(runner, hook):
     assert run_script(SHUTDOWN_FROM_HANDLER, runner, hook, timeout=40).strip() == "OK"
 
