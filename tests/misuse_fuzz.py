@@ -241,7 +241,9 @@ class Fuzz:
 
         self.loop = netpoll.EventLoop(on_request, on_connect=on_connect,
                                       read_timeout=READ_TIMEOUT, write_timeout=WRITE_TIMEOUT,
-                                      input_limit=1 << 20)
+                                      input_limit=1 << 20,
+                                      runner=random.Random(self.seed).choice(
+                                          ["pool", "inline", _thread_runner]))
         threading.Thread(target=self.loop.serve, args=(self.listener,), daemon=True,
                          name="serve").start()
         self.reactor = netpoll.Reactor(poll_num=1)
@@ -251,7 +253,7 @@ class Fuzz:
         with self.lock:
             if len(self.conns) > 12:
                 return
-        runner = rng.choice(["pool", "inline", None])
+        runner = rng.choice(["pool", "inline", None, _thread_runner, _raise])
         d = netpoll.Dialer(runner=runner, read_timeout=READ_TIMEOUT,
                            write_timeout=WRITE_TIMEOUT)
         conn = self.call("dial_connection", d.dial_connection, "tcp", self.addr, timeout=2.0)
@@ -424,6 +426,8 @@ class Fuzz:
         elif what == 1:
             # Never served: it has nothing to wait for whatever the timeout.
             self.call("EventLoop.shutdown", loop.shutdown, rng.choice(TIMES))
+            if "shut down" in repr(loop):     # else serve() would serve
+                self.call("EventLoop.serve", loop.serve, self.listener)
         else:
             self.call("repr(EventLoop)", repr, loop)
             self.call("EventLoop.connections", getattr, loop, "connections")
@@ -597,6 +601,10 @@ def _is_valid(t: object) -> bool:
         return True
     except Exception:
         return False
+
+
+def _thread_runner(task) -> None:
+    threading.Thread(target=task, daemon=True).start()
 
 
 def _raise(*args: object) -> None:

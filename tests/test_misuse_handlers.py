@@ -403,3 +403,38 @@ def test_a_runner_that_raises_closes_the_connection(make_server):
     srv.loop.shutdown(timeout=2.0)          # nothing left busy: returns at once
     assert time.monotonic() - t0 < 1.5
     assert srv.loop.connections == 0
+
+
+# ----------------------- Python code re-entering the EventLoop's lock
+
+REENTER = r"""
+import os, socket, threading, time
+import netpoll
+
+lst = netpoll.create_listener("tcp", "127.0.0.1:0")
+loop = netpoll.EventLoop(lambda ctx, conn: None)
+threading.Thread(target=loop.serve, args=(lst,), daemon=True).start()
+s = socket.create_connection(lst.addr[:2], timeout=5)
+t0 = time.monotonic()
+while loop.connections < 1:
+    if time.monotonic() - t0 > 5:
+        os._exit(2)
+    time.sleep(0.005)
+conn = next(iter(loop._conns))
+
+class Conns(set):
+    # Stands for a finalizer that the GC runs inside shutdown()'s locked
+    # region (list(self._conns) allocates) and that closes a connection.
+    def __iter__(self):
+        conn.close()
+        return iter(list(set.__iter__(self)))
+
+loop._conns = Conns(loop._conns)
+loop.shutdown(5)
+lst.close()
+print("OK", flush=True)
+"""
+
+
+def test_a_finalizer_closing_a_connection_inside_shutdown_does_not_deadlock():
+    assert run_script(REENTER, timeout=30).strip() == "OK"
