@@ -88,27 +88,28 @@ cdef inline void np_kind_init(np_op_kind_t *k, const char *name, np_op_ready_fn 
     k.free = free
 
 cdef struct np_op_t:
+    # Hot: touched on every event (kept together at the front).
     const np_op_kind_t *kind
     int fd
     int refcnt                # atomic
     unsigned int flags        # OF_* and the kind's bits (under lock)
     uint32_t events           # mask currently in the poll set (under lock)
-    pthread_mutex_t lock
     np_poller_t *poller
+    pthread_mutex_t lock
     void *pyobj               # borrowed Python owner (an Operator); NULL after its death
-    uint64_t dev              # identity of the owned fd (see the rule above)
-    uint64_t ino
-    np_op_t *all_prev         # the poller's list of operators in its poll set (p.all_lock)
-    np_op_t *all_next
-    int in_all
-    # task queue (p.qlock)
-    np_op_t *next_task
-    unsigned int task_bits
     # poller thread only
     np_op_t *next_gil
     int gil_reasons
-    np_op_t *next_defer
     int deferred
+    np_op_t *next_defer
+    # Cold: tasks from other threads (p.qlock), the registered list, identity.
+    np_op_t *next_task
+    unsigned int task_bits
+    int in_all
+    np_op_t *all_prev         # the poller's list of operators in its poll set (p.all_lock)
+    np_op_t *all_next
+    uint64_t dev              # identity of the owned fd (see the rule above)
+    uint64_t ino
 
 cdef struct np_poller_t:
     int pfd                   # the poll set (may move to a new number: _rebuild_poll_set)
