@@ -39,7 +39,6 @@ cdef struct np_conn_t:
     int err                    # errno of CF_ERROR
     int run_mode               # RUN_*
     int waiters                # threads waiting on cond
-    pthread_cond_t cond        # readers waiting for bytes, flushers for drain
     np_lb_t *inbuf
     np_lb_t *outbuf
     np_taskq_t *pool           # RUN_POOL target
@@ -55,6 +54,7 @@ cdef struct np_conn_t:
     int64_t last_active_ns
     np_timer_t idle_timer
     np_timer_t drain_timer     # output still to send at close, or after an inline flush
+    pthread_cond_t cond        # readers waiting for bytes, flushers for drain (cold: last)
 
 
 cdef class ConnReader(LinkBuffer):

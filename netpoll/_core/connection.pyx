@@ -148,7 +148,8 @@ cdef void _update_mask_locked(np_conn_t *c) noexcept nogil:
         want |= NP_EV_READ
     if (f & CF_WANT_WRITE) and not (f & CF_ERROR):
         want |= NP_EV_WRITE
-    np_op_set_interest_locked(&c.op, want)
+    if want != c.op.events:
+        np_op_set_interest_locked(&c.op, want)
 
 
 cdef inline void _wake_waiters_locked(np_conn_t *c) noexcept nogil:

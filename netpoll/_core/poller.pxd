@@ -26,6 +26,7 @@
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from netpoll._core.includes.system cimport (pthread_mutex_t, pthread_t, np_event_t,
+                                            pthread_equal, pthread_self,
                                             np_atomic_inc_int, np_atomic_dec_int)
 from netpoll._core.timer cimport np_timer_t, np_timer_heap_t
 
@@ -87,27 +88,28 @@ cdef inline void np_kind_init(np_op_kind_t *k, const char *name, np_op_ready_fn 
     k.free = free
 
 cdef struct np_op_t:
+    # Hot: touched on every event (kept together at the front).
     const np_op_kind_t *kind
     int fd
     int refcnt                # atomic
     unsigned int flags        # OF_* and the kind's bits (under lock)
     uint32_t events           # mask currently in the poll set (under lock)
-    pthread_mutex_t lock
     np_poller_t *poller
+    pthread_mutex_t lock
     void *pyobj               # borrowed Python owner (an Operator); NULL after its death
-    uint64_t dev              # identity of the owned fd (see the rule above)
-    uint64_t ino
-    np_op_t *all_prev         # the poller's list of operators in its poll set (p.all_lock)
-    np_op_t *all_next
-    int in_all
-    # task queue (p.qlock)
-    np_op_t *next_task
-    unsigned int task_bits
     # poller thread only
     np_op_t *next_gil
     int gil_reasons
-    np_op_t *next_defer
     int deferred
+    np_op_t *next_defer
+    # Cold: tasks from other threads (p.qlock), the registered list, identity.
+    np_op_t *next_task
+    unsigned int task_bits
+    int in_all
+    np_op_t *all_prev         # the poller's list of operators in its poll set (p.all_lock)
+    np_op_t *all_next
+    uint64_t dev              # identity of the owned fd (see the rule above)
+    uint64_t ino
 
 cdef struct np_poller_t:
     int pfd                   # the poll set (may move to a new number: _rebuild_poll_set)
@@ -169,13 +171,8 @@ cdef int np_op_set_interest_locked(np_op_t *op, uint32_t want) noexcept nogil
 # names op's file (the user closed it; it was left alone), 0 if already done.
 # `before_close(fd)` may run on the fd first (e.g. drain unread input), or NULL.
 cdef int np_op_close_fd(np_op_t *op, void (*before_close)(int fd) noexcept nogil) noexcept nogil
-# Poller thread: queue op for this batch's GIL phase with a GR_* reason.
-cdef void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil
-# Poller thread: run op.kind.deferred before the next poll_wait.
-cdef void np_op_defer(np_poller_t *p, np_op_t *op) noexcept nogil
 # Poller thread: an expired or re-armed timer. Returns -1 (logged) on ENOMEM.
 cdef int np_poller_timer_push(np_poller_t *p, np_timer_t *t) noexcept nogil
-cdef bint np_on_poller_thread(np_poller_t *p) noexcept nogil
 # True on any poller thread (it must never wait on another poller).
 cdef bint np_on_any_poller() noexcept nogil
 # The worker pool's hook (see poller.pyx); one per process.
@@ -185,6 +182,31 @@ cdef void np_poller_set_tick(np_tick_fn fn, void *arg) noexcept nogil
 cdef void np_poller_kick(np_poller_t *p) noexcept nogil
 # A wake-up was seen by a direct read on the poller thread (np_read_direct).
 cdef void np_poller_wake_ack(np_poller_t *p) noexcept nogil
+
+# The helpers below run for every request: inline, so that the modules that
+# cimport them do not call through an imported function pointer.
+
+cdef inline bint np_on_poller_thread(np_poller_t *p) noexcept nogil:
+    return p != NULL and p.thread_set and pthread_equal(p.thread, pthread_self())
+
+
+cdef inline void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil:
+    """Poller thread: queue op for this batch's GIL phase with a GR_* reason."""
+    if op.gil_reasons == 0:
+        np_op_incref(op)
+        op.next_gil = p.gil_head
+        p.gil_head = op
+    op.gil_reasons |= reason
+
+
+cdef inline void np_op_defer(np_poller_t *p, np_op_t *op) noexcept nogil:
+    """Poller thread: run op.kind.deferred before the next poll_wait."""
+    if op.deferred:
+        return
+    op.deferred = 1
+    np_op_incref(op)
+    op.next_defer = p.defer_head
+    p.defer_head = op
 
 
 cdef class Operator:

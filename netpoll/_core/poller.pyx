@@ -29,7 +29,7 @@ from netpoll._core.includes.system cimport (
     close, errno, EINTR, ENOENT, ENOMEM, EBADF, EINVAL, np_event_t, NP_EV_READ, NP_POLL_MAX,
     NP_CTL_ADD, NP_CTL_MOD, NP_CTL_DEL, NP_POLL_NEEDS_REBUILD,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
-    pthread_self, pthread_equal,
+    pthread_self,
     np_atomic_load_int, np_atomic_store_int, np_atomic_load_size,
     np_atomic_cas_int, np_atomic_xchg_int, np_monotonic_ns,
     np_poll_create, np_poll_ctl, np_poll_wait, np_poll_replace, np_fd_identity,
@@ -88,10 +88,6 @@ cdef void np_op_init(np_op_t *op, const np_op_kind_t *kind, int fd) noexcept nog
 
 cdef int np_op_own_fd(np_op_t *op) noexcept nogil:
     return np_fd_identity(op.fd, &op.dev, &op.ino)
-
-
-cdef bint np_on_poller_thread(np_poller_t *p) noexcept nogil:
-    return p != NULL and p.thread_set and pthread_equal(p.thread, pthread_self())
 
 
 cdef void _all_link(np_poller_t *p, np_op_t *op) noexcept nogil:
@@ -241,23 +237,6 @@ cdef int np_op_close_fd(np_op_t *op, void (*before_close)(int fd) noexcept nogil
     # Not ours any more: the user closed it (the number may name another
     # file now), so the number was left alone; the owner logs it.
     return 1 if ours or fd < 0 else 2
-
-
-cdef void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil:
-    if op.gil_reasons == 0:
-        np_op_incref(op)
-        op.next_gil = p.gil_head
-        p.gil_head = op
-    op.gil_reasons |= reason
-
-
-cdef void np_op_defer(np_poller_t *p, np_op_t *op) noexcept nogil:
-    if op.deferred:
-        return
-    op.deferred = 1
-    np_op_incref(op)
-    op.next_defer = p.defer_head
-    p.defer_head = op
 
 
 cdef int np_poller_timer_push(np_poller_t *p, np_timer_t *t) noexcept nogil:

@@ -512,6 +512,8 @@ cdef class EvHandler(Operator):
             if self.fdstate == FD_OWNED:
                 # An open handler is referenced by its poller until it closes,
                 # so its poller (and the poll set) is gone by now: only close.
+                self.op.events = 0
+                self.op.poller = NULL
                 _fd_close(self.h, -1)
             self.op.pyobj = NULL
             np_op_decref(self.op)
