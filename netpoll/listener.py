@@ -5,6 +5,7 @@ import os
 import re
 import socket
 import stat
+import sys
 from typing import Any, Optional, Tuple, Union
 
 from netpoll import _validate
@@ -27,6 +28,11 @@ _FAMILIES = {
 }
 
 
+# sockaddr_un.sun_path holds 108 bytes on Linux and 104 on macOS/BSD, with
+# the terminating NUL.
+_MAX_UNIX_PATH = 107 if sys.platform.startswith("linux") else 103
+
+
 def parse_address(network: str, address: Any) -> Tuple[int, Any]:
     """Split a Go-style address ("host:port", "[v6]:port", ":port", a Unix
     path) or a (host, port) tuple into (family, host_or_path, port)."""
@@ -42,6 +48,9 @@ def parse_address(network: str, address: Any) -> Tuple[int, Any]:
         path = os.fspath(address)
         if not path or "\0" in path:
             raise ValueError(f"invalid unix socket path {path!r}")
+        if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+            raise ValueError(f"unix socket path too long: {len(os.fsencode(path))} bytes, "
+                             f"at most {_MAX_UNIX_PATH} (sun_path)")
         return socket.AF_UNIX, path
     if isinstance(address, tuple):
         if len(address) < 2:

@@ -63,19 +63,7 @@ EXTRA = {
 # Findings in files this fuzzer's author does not own, reported to their
 # owners: printed, not failed on (set NETPOLL_FUZZ_STRICT=1 to fail on them
 # too). Remove an entry once it is fixed.
-KNOWN = {
-    ("Reactor.wait_stopped", "OverflowError"):
-        "reactor.pyx Reactor.wait_stopped: the timeout goes to Event.wait unvalidated",
-    ("LinkBuffer.write_byte", "MemoryError"):
-        "linkbuffer.pyx LinkBuffer(size_hint): a hint up to 2**63-1 is accepted, then every "
-        "write raises 'MemoryError: cannot allocate 1 bytes'",
-    ("EvHandler.set_watermarks", "OverflowError"):
-        "reactor.pyx EvHandler.set_watermarks(2**64, ...): 'Python int too large to convert "
-        "to C ssize_t' (sizes not validated)",
-    ("Dialer.dial_connection", "OSError"):
-        "dialer.py dial_connection('unix', <path over 107 bytes>): OSError 'AF_UNIX path too "
-        "long' (not a ValueError, not documented)",
-}
+KNOWN: dict = {}    # (call, exception) -> why it is tolerated for now; empty: none are
 AS_LIMIT = 3 << 29          # address space it may grow by: 1.5 GiB
 HUGE = 1 << 28              # MemoryError is fair only for an allocation this big
 HANG_S = 15.0               # no single call may take this long
@@ -584,9 +572,6 @@ class Fuzz:
         failed = False
         for key, line in sorted(self.bad.items()):
             known = KNOWN.get((key[0], key[1]))
-            # MemoryError from a huge size hint shows up in any write call.
-            if known is None and key[1] == "MemoryError" and key[0].startswith("LinkBuffer."):
-                known = KNOWN[("LinkBuffer.write_byte", "MemoryError")]
             if known and not strict:
                 print(f"known: {line}\n    ({known})")
             else:

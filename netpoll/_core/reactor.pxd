@@ -15,7 +15,7 @@ cdef struct np_utimer_t:
     np_utimer_t *next          # fired list (poller thread)
     int64_t interval_ns        # 0: one-shot
     uint64_t tid
-    void *handler              # borrowed EvHandler; NULL once the handler closed (orphan)
+    void *handler              # EvHandler (a strong reference); NULL once it closed (orphan)
     int internal               # 1: a Connector's connect timeout (no on_timeout)
 
 
@@ -99,7 +99,7 @@ cdef class EvHandler(Operator):
 
     cdef int _bind(self, _ReactorPoller rp) except -1
     cdef int _unbind(self) except -1
-    cdef int _watch(self, int fd, bint new_fd) except -1
+    cdef int _watch(self, int fd, bint new_fd) noexcept
     cdef int _call_wcbs(self, np_wcb_t *lst, object err, uint64_t sent) except -1
     cdef int _sync_mask(self) except -1
     cdef int _dispatch(self, uint32_t ev) except -1

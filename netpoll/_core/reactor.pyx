@@ -63,7 +63,7 @@ from netpoll._core.linkbuffer cimport (
     np_lb_reserve, np_lb_commit, np_lb_clear, np_lb_free,
 )
 
-from netpoll._validate import seconds_ns
+from netpoll._validate import seconds, seconds_ns, size
 from netpoll.errors import ConnectionClosedError, DialTimeoutError
 
 log = logging.getLogger("netpoll")
@@ -255,6 +255,8 @@ cdef void _ctl_free(np_op_t *op) noexcept nogil:
     cdef np_utimer_t *u = ctl.fired_head
     cdef np_utimer_t *nxt
     while u != NULL:
+        # Fired, never drained: the poller stopped. A reference it holds to
+        # its handler is leaked (no GIL here) rather than dropped unsafely.
         nxt = u.next
         PyMem_RawFree(u)
         u = nxt
@@ -344,7 +346,7 @@ cdef class _ReactorPoller(Operator):
             nxt = u.next
             u.next = NULL
             if u.handler == NULL:
-                PyMem_RawFree(u)           # its handler closed meanwhile
+                _free_timer(u)             # its handler closed meanwhile
             else:
                 h = <EvHandler><PyObject *>u.handler
                 try:
@@ -430,6 +432,20 @@ _HANDLER_REQUESTS = frozenset(("flush", "timer", "cancel", "close", "open", "con
                                "connect_fail"))
 
 
+cdef void _orphan_timer(np_utimer_t *u) noexcept:
+    """Drop u's reference to its handler (GIL held); u stays allocated."""
+    cdef void *h = u.handler
+    u.handler = NULL
+    if h != NULL:
+        Py_DECREF(<object>h)
+
+
+cdef void _free_timer(np_utimer_t *u) noexcept:
+    """Free a timer that is in no heap and no fired list (GIL held)."""
+    _orphan_timer(u)
+    PyMem_RawFree(u)
+
+
 cdef int _open(EvHandler h) except -1:
     """Call on_open on h's poller; a falsy return (or an exception) closes it."""
     if h.closed:
@@ -493,15 +509,11 @@ cdef class EvHandler(Operator):
         self.wcb_tail = NULL
 
     def __dealloc__(self):
-        cdef np_utimer_t *u
         cdef np_wcb_t *w
         cdef np_wcb_t *nxt
         if self.op != NULL:
-            if self._timers:
-                for addr in self._timers.values():
-                    u = <np_utimer_t *><size_t>addr
-                    if u.t.index < 0:
-                        u.handler = NULL
+            # Every timer holds a reference to its handler (_add_timer), so
+            # none is left here.
             w = self.wcb_head           # never closed: nobody can be told any more
             self.wcb_head = self.wcb_tail = NULL
             while w != NULL:
@@ -791,17 +803,13 @@ cdef class EvHandler(Operator):
         """Call on_high_watermark(pending) when pending output reaches `high`
         bytes, then on_low_watermark(pending) once it drains to `low` (default
         high // 2). Both on the poller thread. high=None or 0 disables."""
-        if high is None or high == 0:
+        high = size(high, "high", none_ok=True)
+        if not high:
             self.high_wm = 0
             self.low_wm = 0
             return
-        if isinstance(high, bool) or not isinstance(high, int):
-            raise TypeError("high must be an int number of bytes")
-        if low is None:
-            low = high // 2
-        if isinstance(low, bool) or not isinstance(low, int):
-            raise TypeError("low must be an int number of bytes")
-        if high < 0 or low < 0 or low >= high:
+        low = high // 2 if low is None else size(low, "low")
+        if low >= high:
             raise ValueError("need 0 <= low < high")
         self.high_wm = high
         self.low_wm = low
@@ -857,7 +865,7 @@ cdef class EvHandler(Operator):
         c.op.poller = NULL        # fdstate is FD_NONE again: see _bind
         return 0
 
-    cdef int _watch(self, int fd, bint new_fd) except -1:
+    cdef int _watch(self, int fd, bint new_fd) noexcept:
         """Put fd in the poll set of the bound poller with the handler's mask
         (GIL, any thread). Success: 0, the handler owns fd (fdstate FD_OWNED)
         and a new fd is switched to O_NONBLOCK. Failure: errno (-1: the
@@ -1127,10 +1135,13 @@ cdef class EvHandler(Operator):
         u.interval_ns = interval_ns
         u.tid = tid
         u.internal = internal
-        u.handler = <void *>self
         if timer_heap_push(&self.rp.poller.p.timers, &u.t) < 0:
             PyMem_RawFree(u)
             raise MemoryError()
+        # A real reference (uvloop's rule): the expiry path hands u.handler
+        # to Python, so the handler must outlive every timer that names it.
+        Py_INCREF(self)
+        u.handler = <void *>self
         self._timers[tid] = <size_t>u
         return tid
 
@@ -1139,7 +1150,7 @@ cdef class EvHandler(Operator):
         cdef int64_t nxt
         if u.internal:
             self._timers.pop(tid, None)
-            PyMem_RawFree(u)
+            _free_timer(u)
             if self.connecting and tid == self.connect_tid and not self.closed:
                 self.connect_tid = 0
                 self._connect_failed(DialTimeoutError(
@@ -1149,7 +1160,7 @@ cdef class EvHandler(Operator):
         if self.closed or tid in self._cancelled:
             self._cancelled.discard(tid)
             self._timers.pop(tid, None)
-            PyMem_RawFree(u)
+            _free_timer(u)
             return 0
         try:
             again = self.on_timeout(tid, now / 1e9)
@@ -1157,7 +1168,7 @@ cdef class EvHandler(Operator):
             log.exception("netpoll: on_timeout raised")
             again = False
         if u.handler == NULL:
-            PyMem_RawFree(u)                 # the handler closed in the callback
+            _free_timer(u)                   # the handler closed in the callback
             return 0
         if u.interval_ns > 0 and again and tid not in self._cancelled:
             nxt = u.t.when + u.interval_ns
@@ -1168,7 +1179,7 @@ cdef class EvHandler(Operator):
                 return 0
         self._cancelled.discard(tid)
         self._timers.pop(tid, None)
-        PyMem_RawFree(u)
+        _free_timer(u)
         return 0
 
     cdef int _cancel_local(self, uint64_t tid) except -1:
@@ -1185,7 +1196,7 @@ cdef class EvHandler(Operator):
             timer_heap_remove(_heap_of(u), &u.t)
             del self._timers[tid]
             self._cancelled.discard(tid)
-            PyMem_RawFree(u)
+            _free_timer(u)
         else:
             self._cancelled.add(tid)         # fired, waiting in this batch
         return 0
@@ -1196,9 +1207,9 @@ cdef class EvHandler(Operator):
             u = <np_utimer_t *><size_t>addr
             if u.t.index >= 0:
                 timer_heap_remove(_heap_of(u), &u.t)
-                PyMem_RawFree(u)
+                _free_timer(u)
             else:
-                u.handler = NULL             # in the fired list: freed there
+                _orphan_timer(u)             # in the fired list: freed there
         self._timers.clear()
         self._cancelled.clear()
         return 0
@@ -1548,8 +1559,9 @@ cdef class Reactor:
         self._done_event.set()
 
     def wait_stopped(self, timeout=None):
-        """Wait until the shutdown finished; True if it has."""
-        return self._done_event.wait(timeout)
+        """Wait until the shutdown finished (at most `timeout` seconds; None
+        or inf: no limit); True if it has."""
+        return self._done_event.wait(seconds(timeout, "timeout"))
 
     @property
     def stopped(self):
