@@ -79,7 +79,7 @@ from netpoll._validate import size as _validate_size
 from netpoll.errors import BufferClosedError, BufferUnderflowError
 
 # The largest preferred chunk size (as configure(buffer_size=...) allows).
-MAX_SIZE_HINT = 64 << 20
+_MAX_SIZE_HINT = 64 << 20
 
 # ------------------------------------------------------------------ the pool
 #
@@ -1135,7 +1135,7 @@ cdef class LinkBuffer:
         self.mode = LB_READ | LB_WRITE
 
     def __init__(self, size_hint=0):
-        cdef Py_ssize_t hint = _validate_size(size_hint, "size_hint", maximum=MAX_SIZE_HINT)
+        cdef Py_ssize_t hint = _validate_size(size_hint, "size_hint", maximum=_MAX_SIZE_HINT)
         if self.lb != NULL:
             if not self.owns:
                 raise TypeError("a connection's buffer cannot be re-initialised")
