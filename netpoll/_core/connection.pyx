@@ -14,7 +14,6 @@ import logging
 import os
 import socket as _socket
 
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.ref cimport PyObject
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -30,7 +29,7 @@ from netpoll._core.includes.system cimport (
     np_atomic_load_uint, NP_EV_READ, NP_EV_WRITE, NP_EV_HUP, NP_EV_ERR, NP_EV_RDHUP,
 )
 from netpoll._core.linkbuffer cimport (
-    LinkBuffer, LB_READ, LB_WRITE, np_lb_new, np_lb_free, np_lb_readable,
+    LinkBuffer, LB_READ, LB_WRITE, np_delim_byte, np_lb_new, np_lb_free, np_lb_readable,
     np_lb_reserve, np_lb_commit, np_lb_release, np_lb_clear,
 )
 from netpoll._core.poller cimport (
@@ -717,30 +716,6 @@ cdef str _error_text(np_conn_t *c):
     return os.strerror(c.err) if c.err else "socket error"
 
 
-cdef unsigned char _delim_byte(object delim) except? 0:
-    """until()'s delimiter as a byte (the rules of LinkBuffer.until)."""
-    cdef Py_buffer pb
-    cdef unsigned char d
-    if isinstance(delim, int):
-        if not 0 <= delim <= 255:
-            raise ValueError(f"delimiter must be in 0..255, got {delim}")
-        return <unsigned char>delim
-    if isinstance(delim, str):
-        raise TypeError("delimiter must be an int or one byte, not str")
-    try:
-        PyObject_GetBuffer(delim, &pb, PyBUF_SIMPLE)
-    except TypeError:
-        raise TypeError(f"delimiter must be an int or one byte, "
-                        f"not {type(delim).__name__}") from None
-    try:
-        if pb.len != 1:
-            raise ValueError(f"delimiter must be exactly one byte, got {pb.len}")
-        d = (<unsigned char *>pb.buf)[0]
-    finally:
-        PyBuffer_Release(&pb)
-    return d
-
-
 cdef class ConnReader(LinkBuffer):
     """The connection's input: LinkBuffer's reader methods, blocking until the
     bytes arrive (bounded by the read timeout). Writer methods raise TypeError."""
@@ -828,7 +803,7 @@ cdef class ConnReader(LinkBuffer):
         cdef unsigned char d
         cdef int64_t deadline
         self._check(LB_READ)
-        d = _delim_byte(delim)
+        d = np_delim_byte(delim)
         deadline = _deadline(self.conn.c.read_timeout_ns)    # once per call
         while True:
             idx = self._find(d)

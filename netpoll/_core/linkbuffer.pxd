@@ -78,6 +78,8 @@ cdef inline void np_chunk_incref(np_chunk_t *c) noexcept nogil:
 # false); takes over one reference to c, which the view drops when the last
 # export of it goes. The one exporter of chunk memory (needs the GIL).
 cdef object np_export_chunk(np_chunk_t *c, char *p, size_t n, bint readonly)
+# until()'s delimiter (an int in 0..255 or one byte) as a byte.
+cdef unsigned char np_delim_byte(object delim) except? 0
 
 # --- buffer lifecycle ---
 cdef np_lb_t *np_lb_new(size_t size_hint) noexcept nogil

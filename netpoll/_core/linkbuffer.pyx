@@ -1104,6 +1104,31 @@ cdef inline void _release_view(object view):
         pass                 # exported itself (a ctypes/numpy object over it, a send in progress)
 
 
+cdef unsigned char np_delim_byte(object delim) except? 0:
+    """until()'s delimiter as a byte: an int in 0..255 or one byte (any
+    bytes-like object of length 1). The one parser for every until()."""
+    cdef Py_buffer pb
+    cdef unsigned char d
+    if isinstance(delim, int):
+        if not 0 <= delim <= 255:
+            raise ValueError(f"delimiter must be in 0..255, got {delim}")
+        return <unsigned char>delim
+    if isinstance(delim, str):
+        raise TypeError("delimiter must be an int or one byte, not str")
+    try:
+        PyObject_GetBuffer(delim, &pb, PyBUF_SIMPLE)
+    except TypeError:
+        raise TypeError(f"delimiter must be an int or one byte, "
+                        f"not {type(delim).__name__}") from None
+    try:
+        if pb.len != 1:
+            raise ValueError(f"delimiter must be exactly one byte, got {pb.len}")
+        d = (<unsigned char *>pb.buf)[0]
+    finally:
+        PyBuffer_Release(&pb)
+    return d
+
+
 cdef Py_ssize_t _size_arg(object n, str what) except -1:
     if not isinstance(n, int):
         raise TypeError(f"{what} must be an int, not {type(n).__name__}")
@@ -1319,27 +1344,9 @@ cdef class LinkBuffer:
         `delim` is one byte: an int in 0..255 or a bytes-like object of length 1.
         """
         cdef Py_ssize_t idx
-        cdef int d
-        cdef Py_buffer pb
+        cdef unsigned char d
         self._check(LB_READ)
-        if isinstance(delim, int):
-            if not 0 <= delim <= 255:
-                raise ValueError(f"delimiter must be in 0..255, got {delim}")
-            d = delim
-        elif isinstance(delim, str):
-            raise TypeError("delimiter must be an int or one byte, not str")
-        else:
-            try:
-                PyObject_GetBuffer(delim, &pb, PyBUF_SIMPLE)
-            except TypeError:
-                raise TypeError(f"delimiter must be an int or one byte, "
-                                f"not {type(delim).__name__}") from None
-            try:
-                if pb.len != 1:
-                    raise ValueError(f"delimiter must be exactly one byte, got {pb.len}")
-                d = (<unsigned char *>pb.buf)[0]
-            finally:
-                PyBuffer_Release(&pb)
+        d = np_delim_byte(delim)
         while True:
             idx = self._find(<unsigned char>d)
             if idx >= 0:

@@ -99,6 +99,7 @@ cdef class EvHandler(Operator):
 
     cdef int _bind(self, _ReactorPoller rp) except -1
     cdef int _unbind(self) except -1
+    cdef void _adopt(self, int fd) noexcept
     cdef int _watch(self, int fd, bint new_fd) noexcept
     cdef int _call_wcbs(self, np_wcb_t *lst, object err, uint64_t sent) except -1
     cdef int _sync_mask(self) except -1

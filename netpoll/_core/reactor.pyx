@@ -865,6 +865,18 @@ cdef class EvHandler(Operator):
         c.op.poller = NULL        # fdstate is FD_NONE again: see _bind
         return 0
 
+    cdef void _adopt(self, int fd) noexcept:
+        """Own fd from now on (an accepted or connecting socket that is not
+        in the poll set yet): the owner's identity is recorded, and from here
+        only _fd_close closes it."""
+        cdef np_handler_t *c = self.h
+        with nogil:
+            pthread_mutex_lock(&c.op.lock)
+            c.op.fd = fd
+            np_op_own_fd(&c.op)
+            self.fdstate = FD_OWNED
+            pthread_mutex_unlock(&c.op.lock)
+
     cdef int _watch(self, int fd, bint new_fd) noexcept:
         """Put fd in the poll set of the bound poller with the handler's mask
         (GIL, any thread). Success: 0, the handler owns fd (fdstate FD_OWNED)
@@ -1399,12 +1411,7 @@ cdef class Reactor:
             _fd_close(NULL, fd)
             return False
         handler._bind(rp)
-        with nogil:
-            pthread_mutex_lock(&c.op.lock)
-            c.op.fd = fd
-            np_op_own_fd(&c.op)
-            handler.fdstate = FD_OWNED
-            pthread_mutex_unlock(&c.op.lock)
+        handler._adopt(fd)
         if rp._is_current():
             _open(handler)
         else:
@@ -1434,12 +1441,7 @@ cdef class Reactor:
         handler.connecting = True
         handler.connect_addr = addr
         handler.connect_timeout = timeout
-        with nogil:
-            pthread_mutex_lock(&c.op.lock)
-            c.op.fd = fd
-            np_op_own_fd(&c.op)
-            handler.fdstate = FD_OWNED
-            pthread_mutex_unlock(&c.op.lock)
+        handler._adopt(fd)
         if err == 0:
             rp._post(("connected", handler))
         elif err == EINPROGRESS or err == EAGAIN or err == EALREADY:
