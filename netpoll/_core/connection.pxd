@@ -87,7 +87,6 @@ cdef class Connection(Operator):
     cdef bint _close_when_idle      # graceful shutdown: close once the handler returns
 
     cdef int _process(self) except -1
-    cdef int _process_handlers(self) except -1
     cdef int _close(self, bint user) except -1
     cdef int _peer_gone(self) except -1
     cdef int _call_handler(self) except -1

@@ -67,7 +67,9 @@ cdef size_t _chunk_hint = 8192
 
 cdef extern from *:
     """
-    /* Handlers (on_connect, on_request, on_disconnect) running on this thread. */
+    /* Handlers (on_connect, on_request, on_disconnect) running on this
+       thread: set around a pool task and a custom runner's task; inline
+       handlers run on a poller thread, which in_handler() counts anyway. */
     static __thread int np_handler_depth = 0;
     """
     int np_handler_depth
@@ -456,12 +458,15 @@ cdef void _pool_item(void *item) noexcept:
     """Worker-pool entry point (GIL held): run process() of the connection."""
     cdef np_conn_t *c = <np_conn_t *>item
     cdef Connection conn
+    global np_handler_depth
     if c.op.pyobj != NULL:
         conn = <Connection><PyObject *>c.op.pyobj
+        np_handler_depth += 1         # in_handler() while the handlers run
         try:
             conn._process()
         except BaseException:
             log.exception("netpoll: unexpected error in a connection task")
+        np_handler_depth -= 1
     np_op_decref(&c.op)
 
 
@@ -976,7 +981,13 @@ cdef class Connection(Operator):
         return 0
 
     def _run_task(self):
-        self._process()
+        # A custom runner's thread: in_handler() while the handlers run.
+        global np_handler_depth
+        np_handler_depth += 1
+        try:
+            self._process()
+        finally:
+            np_handler_depth -= 1
 
     cdef int _call_handler(self) except -1:
         try:
@@ -995,15 +1006,6 @@ cdef class Connection(Operator):
         return 0
 
     cdef int _process(self) except -1:
-        # Marks this thread as running a handler (in_handler()) for its length.
-        global np_handler_depth
-        np_handler_depth += 1
-        try:
-            return self._process_handlers()
-        finally:
-            np_handler_depth -= 1
-
-    cdef int _process_handlers(self) except -1:
         """Run on_connect once, then on_request while it makes progress.
 
         Called with CF_RUNNING set (so never twice at once for one connection).

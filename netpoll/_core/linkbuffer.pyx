@@ -1129,7 +1129,25 @@ cdef unsigned char np_delim_byte(object delim) except? 0:
     return d
 
 
+cdef extern from "Python.h":
+    Py_ssize_t _np_as_ssize "PyLong_AsSsize_t"(object n)
+    bint _np_exact_int "PyLong_CheckExact"(object n)
+    void *_np_err_occurred "PyErr_Occurred"()
+    void _np_err_clear "PyErr_Clear"()
+    PyObject *_np_memoryview_base "PyMemoryView_GET_BASE"(object mv)
+
+
 cdef Py_ssize_t _size_arg(object n, str what) except -1:
+    cdef Py_ssize_t v
+    if _np_exact_int(n):
+        # The common case, on every read: no isinstance, no try/except.
+        v = _np_as_ssize(n)
+        if v >= 0:
+            return v
+        if v == -1 and _np_err_occurred() != NULL:
+            _np_err_clear()                       # OverflowError: too large
+            raise ValueError(f"{what} is too large: {n}")
+        raise ValueError(f"{what} must be >= 0, got {n}")
     if not isinstance(n, int):
         raise TypeError(f"{what} must be an int, not {type(n).__name__}")
     if n < 0:
@@ -1631,14 +1649,15 @@ cdef class LinkBuffer:
         bytes are immutable (a chunk's bytes below `used` are never rewritten
         while referenced), so sharing the chunk is as good as a copy."""
         cdef _ChunkView cv
+        cdef PyObject *owner
         cdef np_chunk_t *c
         cdef np_node_t *node
         cdef np_lb_t *lb = self.lb
         cdef char *p = <char *>pb.buf
         if pb.len < ZERO_COPY_MIN or not pb.readonly or type(data) is not memoryview:
             return False
-        owner = (<object>data).obj
-        if type(owner) is not _ChunkView:
+        owner = <PyObject *>_np_memoryview_base(data)    # its .obj, without an attribute lookup
+        if owner == NULL or (<object>owner).__class__ is not _ChunkView:
             return False
         cv = <_ChunkView>owner
         c = cv.chunk
