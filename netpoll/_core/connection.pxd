@@ -91,6 +91,7 @@ cdef class Connection(Operator):
     cdef int _call_handler(self) except -1
     cdef int _schedule_from_python(self) except -1
     cdef object _addr(self, bint peer)
+    cdef object _cached_addr(self, bint peer)
     cdef np_conn_t *_live(self) except NULL
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import socket as _socket
 
+cimport cython
 from cpython.ref cimport PyObject
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -941,8 +942,15 @@ cdef class Connection(Operator):
         self._process()
 
     cdef int _call_handler(self) except -1:
+        # set_on_request() may replace the handler from another thread: on a
+        # free-threaded build the field is read (and INCREF'd) under the lock
+        # its writer holds, or the old handler could be freed under us.
+        with cython.critical_section(self):
+            handler = self._on_request
+        if handler is None:
+            return 0
         try:
-            self._on_request(self._ctx, self)
+            handler(self._ctx, self)
         except (ConnectionClosedError, ReadTimeoutError, WriteTimeoutError) as e:
             log.debug("netpoll: handler for %s ended: %s", _describe(self), e)
             if isinstance(e, PeerClosedError):
@@ -1080,8 +1088,11 @@ cdef class Connection(Operator):
         _wake_waiters_locked(c)
         pthread_mutex_unlock(&c.op.lock)
         np_poller_kick(c.op.poller)     # an inline handler may be blocked reading
-        callbacks = self._close_callbacks
-        self._close_callbacks = []
+        # Under the object's lock (free-threaded builds): add_close_callback()
+        # from another thread appends to this list or sees CF_CLOSING, never both.
+        with cython.critical_section(self):
+            callbacks = self._close_callbacks
+            self._close_callbacks = []
         for cb in reversed(callbacks):
             try:
                 cb(self)
@@ -1137,17 +1148,19 @@ cdef class Connection(Operator):
         On an already closed connection it is called at once."""
         if not callable(callback):
             raise TypeError("close callback must be callable")
-        if self.c == NULL or self.c.op.flags & CF_CLOSING:
-            callback(self)
-            return
-        self._close_callbacks.append(callback)
+        with cython.critical_section(self):    # see _close()
+            if not (self.c == NULL or self.c.op.flags & CF_CLOSING):
+                self._close_callbacks.append(callback)
+                return
+        callback(self)
 
     def set_on_request(self, handler):
         """Set the on_request(ctx, conn) handler (None removes it)."""
         if handler is not None and not callable(handler):
             raise TypeError("on_request must be callable or None")
         cdef np_conn_t *c = self._live()
-        self._on_request = handler
+        with cython.critical_section(self):    # see _call_handler()
+            self._on_request = handler
         pthread_mutex_lock(&c.op.lock)
         if handler is None:
             c.op.flags &= ~CF_HAS_HANDLER
@@ -1290,19 +1303,33 @@ cdef class Connection(Operator):
         finally:
             s.close()
 
+    cdef object _cached_addr(self, bint peer):
+        # Set once, under the object's lock: two threads storing at once on a
+        # free-threaded build would free the first value while it is returned.
+        cdef object a = self._remote_addr if peer else self._local_addr
+        if a is not None:
+            return a
+        a = self._addr(peer)
+        with cython.critical_section(self):
+            if peer:
+                if self._remote_addr is None:
+                    self._remote_addr = a
+                a = self._remote_addr
+            else:
+                if self._local_addr is None:
+                    self._local_addr = a
+                a = self._local_addr
+        return a
+
     @property
     def local_addr(self):
         """The local address (host, port) or Unix path."""
-        if self._local_addr is None:
-            self._local_addr = self._addr(False)
-        return self._local_addr
+        return self._cached_addr(False)
 
     @property
     def remote_addr(self):
         """The peer's address (host, port) or Unix path ('' for an unnamed peer)."""
-        if self._remote_addr is None:
-            self._remote_addr = self._addr(True)
-        return self._remote_addr
+        return self._cached_addr(True)
 
     def __repr__(self):
         """<Connection fd=N LOCAL->REMOTE STATE> (addresses are remembered
