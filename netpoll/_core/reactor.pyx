@@ -855,8 +855,13 @@ cdef class EvHandler(Operator):
         cdef np_poller_t *p = rp.poller.p
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
-        self.rp = rp
-        self._reactor = rp.reactor_ref
+        # Under the handler's critical section (free-threaded builds): binds from
+        # two threads (two reactors, an acceptor) must not DECREF one old value
+        # twice. Readers elsewhere may go unlocked: every value these fields
+        # held is also referenced by its reactor (_rps, reactor_ref).
+        with cython.critical_section(self):
+            self.rp = rp
+            self._reactor = rp.reactor_ref
         if self.fdstate == FD_NONE:
             c.op.poller = p       # no fd, in no poll set: no locked path reads it
         else:
@@ -873,8 +878,9 @@ cdef class EvHandler(Operator):
         cdef np_handler_t *c = self.h
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
-        self.rp = None
-        self._reactor = None
+        with cython.critical_section(self):    # see _bind
+            self.rp = None
+            self._reactor = None
         c.op.poller = NULL        # fdstate is FD_NONE again: see _bind
         return 0
 
