@@ -418,24 +418,43 @@ cdef int _read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
 
 # -------------------------------------------------------------- scheduling
 
+cdef extern from *:
+    """
+    static inline int np__sc_add(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
+    static inline int np__sc_load(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void np__sc_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    """
+    int np__sc_add(int *p, int v) nogil
+    int np__sc_load(int *p) nogil
+    void np__sc_store(int *p, int v) nogil
+
+
+cdef inline bint _pool_push(np_conn_t *c) noexcept nogil:
+    # pool_pending is raised before the push: a worker may run the task (and
+    # lower it) before np_taskq_push returns.
+    np_op_incref(&c.op)
+    np__sc_add(&c.pool_pending, 1)
+    if np_taskq_push(c.pool, c) == 0:
+        return True
+    np__sc_add(&c.pool_pending, -1)   # the GIL phase that runs it instead forgets
+    np_op_decref(&c.op)
+    return False
+
+
 cdef void _schedule(np_poller_t *p, np_conn_t *c) noexcept nogil:
     """Run process() for c (RUNNING already set), from its poller: on the
     pool without the GIL, or in this batch's GIL phase."""
     if c.run_mode == RUN_POOL and c.pool != NULL:
-        np_op_incref(&c.op)
-        if np_taskq_push(c.pool, c) == 0:
+        if _pool_push(c):
             return
-        np_op_decref(&c.op)
     np_op_gil(p, &c.op, GR_EVENT)
 
 
 cdef void np_conn_schedule(np_conn_t *c) noexcept nogil:
     """From any thread: run process() for c, whose RUNNING flag the caller set."""
     if c.run_mode == RUN_POOL and c.pool != NULL:
-        np_op_incref(&c.op)
-        if np_taskq_push(c.pool, c) == 0:
+        if _pool_push(c):
             return
-        np_op_decref(&c.op)
     np_op_submit(&c.op, T_PROCESS)
 
 
@@ -443,12 +462,23 @@ cdef void _pool_item(void *item) noexcept:
     """Worker-pool entry point (GIL held): run process() of the connection."""
     cdef np_conn_t *c = <np_conn_t *>item
     cdef Connection conn
+    # op.pyobj is borrowed: it is safe to take only because the registry still
+    # holds the owner while pool_pending > 0. Without the GIL, a teardown that
+    # dropped it earlier would let another thread free the owner between this
+    # read and the INCREF.
     if c.op.pyobj != NULL:
         conn = <Connection><PyObject *>c.op.pyobj
         try:
             conn._process()
         except BaseException:
             log.exception("netpoll: unexpected error in a connection task")
+        np__sc_add(&c.pool_pending, -1)
+        try:
+            conn._forget_if_done()
+        except BaseException:
+            log.exception("netpoll: unexpected error in a connection task")
+    else:
+        np__sc_add(&c.pool_pending, -1)
     np_op_decref(&c.op)
 
 
@@ -936,6 +966,7 @@ cdef class Connection(Operator):
                 self._close(False)
         else:
             self._process()
+        self._forget_if_done()      # a pool push that failed ran here instead
         return 0
 
     def _run_task(self):
@@ -1061,8 +1092,18 @@ cdef class Connection(Operator):
         np_lb_clear(c.outbuf)
         if (c.op.flags & CF_USER_CLOSED) or self._on_request is not None:
             np_lb_clear(c.inbuf)
-        if self._poller is not None:
-            self._poller.unregister(self)
+        np__sc_store(&c.torn_down, 1)
+        self._forget_if_done()
+        return 0
+
+    cdef int _forget_if_done(self) except -1:
+        """Drop the registry's reference once the teardown ran and no pool task
+        is queued or running (from the poller's teardown or the last task;
+        both may see it: unregister is idempotent)."""
+        cdef np_conn_t *c = self.c
+        if c != NULL and np__sc_load(&c.torn_down) and np__sc_load(&c.pool_pending) == 0:
+            if self._poller is not None:
+                self._poller.unregister(self)
         return 0
 
     # ---------------------------------------------------------- closing
