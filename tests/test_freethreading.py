@@ -25,7 +25,7 @@ import pytest
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
-pytestmark = pytest.mark.skipif(
+needs_free_threading = pytest.mark.skipif(
     not FREE_THREADED,
     reason="needs a free-threaded CPython build (python3.13t, e.g. from .ci/build-ft-python); "
            "with the GIL, Python handlers cannot run in parallel",
@@ -43,6 +43,7 @@ def _run(code: str, *args: str, env: dict | None = None, timeout: float = 90.0) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@needs_free_threading
 def test_import_leaves_the_gil_off() -> None:
     # PYTHON_GIL unset: the modules' Py_mod_gil declarations decide. One module
     # without freethreading_compatible turns the GIL back on at import.
@@ -132,6 +133,7 @@ SCENARIO = textwrap.dedent(r"""
 BOUND = "3000000"
 
 
+@needs_free_threading
 @pytest.mark.parametrize("runner", ["inline", "pool"])
 def test_two_handlers_run_python_in_parallel(runner: str) -> None:
     out = _run(SCENARIO, runner, BOUND)
@@ -139,3 +141,76 @@ def test_two_handlers_run_python_in_parallel(runner: str) -> None:
     assert out["replies"] == ["1", "1"], (
         f"the two {runner} handlers were never inside Python at the same moment "
         f"(GIL enabled: {out['gil']}): {out}")
+
+
+LIFETIME = textwrap.dedent(r"""
+    import json, socket, threading
+    import netpoll
+    from netpoll.config import runtime
+
+    netpoll.configure(num_loops=1, pool_size=1)
+    block = threading.Event()
+    blocking = threading.Event()
+    conns = {}
+
+    def on_prepare(conn):
+        conns[conn.remote_addr[1]] = conn
+
+    def pool_handler(ctx, conn):
+        data = conn.reader.next(len(conn.reader))
+        if data == b"block":
+            blocking.set()
+            block.wait(30)          # the pool's only worker is busy
+        conn.writer.write_binary(data)
+        conn.writer.flush()
+
+    def inline_handler(ctx, conn):
+        conn.writer.write_binary(conn.reader.next(len(conn.reader)))
+        conn.writer.flush()
+
+    pool_loop = netpoll.EventLoop(pool_handler, on_prepare=on_prepare, runner="pool")
+    inline_loop = netpoll.EventLoop(inline_handler, runner="inline")
+    lp = netpoll.create_listener("tcp", ("127.0.0.1", 0))
+    li = netpoll.create_listener("tcp", ("127.0.0.1", 0))
+    for loop, l in ((pool_loop, lp), (inline_loop, li)):
+        threading.Thread(target=loop.serve, args=(l,), daemon=True).start()
+    a = socket.create_connection(lp.addr, timeout=30)
+    b = socket.create_connection(lp.addr, timeout=30)
+    a.sendall(b"block")
+    assert blocking.wait(30)
+    b.sendall(b"queued")            # a pool task for B waits behind A
+    while runtime().pool.pending() < 1:
+        threading.Event().wait(0.001)
+    conn_b = conns[b.getsockname()[1]]
+    poller = runtime().pollers[0]
+    conn_b.close()                  # teardown on the poller while B's task is queued
+    b.settimeout(30)
+    assert b.recv(1) == b""         # the poller closed B's fd...
+    c = socket.create_connection(li.addr, timeout=30)
+    c.sendall(b"sync")
+    assert c.recv(4) == b"sync"     # ...and finished the GIL phase that tore it down
+    kept = conn_b in poller.operators()
+    block.set()
+    assert a.recv(5) == b"block"
+    forgotten = False
+    for _ in range(6000):           # the queued task runs, then forgets B
+        if conn_b not in poller.operators():
+            forgotten = True
+            break
+        threading.Event().wait(0.005)
+    for s in (a, b, c):
+        s.close()
+    pool_loop.shutdown(5.0)
+    inline_loop.shutdown(5.0)
+    print(json.dumps({"kept": kept, "forgotten": forgotten}))
+""")
+
+
+def test_registry_keeps_a_connection_while_a_pool_task_for_it_is_queued() -> None:
+    # The pool worker turns the operator's borrowed pyobj into a reference: the
+    # owner must stay referenced (by its poller's registry) until no queued
+    # task can read it, even when the teardown ran first. Without the GIL the
+    # owner could otherwise be freed by another thread between read and INCREF.
+    out = _run(LIFETIME)
+    assert out["kept"], "the teardown dropped the registry's reference with a pool task queued"
+    assert out["forgotten"], "the connection stayed registered after its last task"
