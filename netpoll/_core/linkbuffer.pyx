@@ -39,6 +39,9 @@ cdef extern from "Python.h":
     # Py_REFCNT, not ob_refcnt: free-threaded builds split the count in two fields.
     Py_ssize_t _refcnt "Py_REFCNT"(PyObject *o)
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "compat.h" nogil:
     size_t np_atomic_load_size_relaxed(size_t *p)
     void np_atomic_store_size_relaxed(size_t *p, size_t v)
@@ -1609,17 +1612,22 @@ cdef class LinkBuffer:
         # Reserve (allocating without the lock), then copy without the lock:
         # the bytes are unflushed, so no reader looks at them yet, and the
         # chunk reference keeps them valid whatever happens to the buffer.
+        # `copying` is raised before the reservation and lowered after the
+        # copy: a flush() from another thread waits for it.
+        np_atomic_inc_int(&lb.copying)
         if n >= COPY_NOGIL_MIN:
             with nogil:
                 p = _wreserve(lb, n, False, &c)
                 if p != NULL:
                     memcpy(p, src, n)
                     np_chunk_decref(c)
+                np_atomic_dec_int(&lb.copying)
         else:
             p = _wreserve(lb, n, False, &c)
             if p != NULL:
                 memcpy(p, src, n)
                 np_chunk_decref(c)
+            np_atomic_dec_int(&lb.copying)
         if p == NULL:
             self._check(LB_WRITE)
             raise MemoryError(f"cannot allocate {n} bytes")
@@ -1811,6 +1819,14 @@ cdef class LinkBuffer:
                 if self._mexp is not None:
                     self._settle(True)
         np_spin_lock(&lb.lock)
+        # Another thread's write may be copying into unflushed bytes (see
+        # _write): publishing them now would send what is not written yet.
+        # Seen as 0 under the lock, no copy into a reservation is in flight.
+        while np_atomic_load_int(&lb.copying):
+            np_spin_unlock(&lb.lock)
+            with nogil:
+                sched_yield()
+            np_spin_lock(&lb.lock)
         if lb.unflushed:
             _publish(lb, lb.unflushed)
             lb.unflushed = 0
