@@ -4,7 +4,9 @@ core package; the library never imports it).
 
 Directives are chosen per the code's guarantees: the hot-path modules index
 C arrays whose bounds they check themselves, so bounds/wraparound checks are
-off; ``embedsignature`` keeps signatures in docstrings for help() and the docs.
+off; ``embedsignature`` keeps signatures in docstrings for help() and the docs;
+``freethreading_compatible`` (Cython >= 3.1) declares every module safe without
+the GIL (Py_MOD_GIL_NOT_USED), per the audit in docs/freethreading.md.
 
 Environment knobs (documented in README.md):
 
@@ -55,6 +57,9 @@ directives = {
     "cdivision": True,
     "embedsignature": True,
     "binding": False,
+    # Every module is audited for running without the GIL (docs/freethreading.md):
+    # on a free-threaded interpreter importing netpoll must leave the GIL off.
+    "freethreading_compatible": True,
 }
 
 setup(

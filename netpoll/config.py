@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import atexit
 import enum
+import os
 import random
+import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -42,10 +44,23 @@ def _check_runner(runner: Runner) -> Runner:
     raise ValueError(f"runner must be 'pool', 'inline' or a callable, got {runner!r}")
 
 
+def _default_num_loops() -> int:
+    """1 poller with the GIL (one poller saturates the core Python runs on);
+    on a free-threaded interpreter with the GIL off, one per usable core."""
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    if gil_enabled is None or gil_enabled():
+        return 1
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, _MAX_LOOPS))
+
+
 class _Runtime:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.num_loops = 1
+        self.num_loops = _default_num_loops()
         self.load_balance = LoadBalance.ROUND_ROBIN
         self.buffer_size = 8192
         self.runner: Runner = "pool"
@@ -107,8 +122,9 @@ def configure(
 ) -> None:
     """Set global options. Call before the first EventLoop or dial.
 
-    num_loops: poller threads, 1..1024 (default 1: with the GIL one poller
-    saturates a core; raise it for many connections or free-threaded CPython).
+    num_loops: poller threads, 1..1024 (default 1 with the GIL: one poller
+    saturates a core; on free-threaded CPython with the GIL off, one per
+    core the process may run on, ``os.sched_getaffinity``).
     buffer_size: preferred size of new buffer chunks in bytes, 1..64 MiB.
     runner: default runner for EventLoops and dialed connections.
     pool_size: worker threads of the "pool" runner, 1..4096 (default 16).

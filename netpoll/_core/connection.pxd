@@ -39,6 +39,11 @@ cdef struct np_conn_t:
     int err                    # errno of CF_ERROR
     int run_mode               # RUN_*
     int waiters                # threads waiting on cond
+    # Pool tasks queued or running, and "the teardown reached Python" (both
+    # seq_cst atomics): the registry keeps the Python owner until both say
+    # no pool worker can still read op.pyobj (Connection._forget_if_done).
+    int pool_pending
+    int torn_down
     np_lb_t *inbuf
     np_lb_t *outbuf
     np_taskq_t *pool           # RUN_POOL target
@@ -90,8 +95,10 @@ cdef class Connection(Operator):
     cdef int _close(self, bint user) except -1
     cdef int _peer_gone(self) except -1
     cdef int _call_handler(self) except -1
+    cdef int _forget_if_done(self) except -1
     cdef int _schedule_from_python(self) except -1
     cdef object _addr(self, bint peer)
+    cdef object _cached_addr(self, bint peer)
     cdef np_conn_t *_live(self) except NULL
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import socket as _socket
 
+cimport cython
 from cpython.ref cimport PyObject
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -433,24 +434,43 @@ cdef int _read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
 
 # -------------------------------------------------------------- scheduling
 
+cdef extern from *:
+    """
+    static inline int np__sc_add(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
+    static inline int np__sc_load(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void np__sc_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    """
+    int np__sc_add(int *p, int v) nogil
+    int np__sc_load(int *p) nogil
+    void np__sc_store(int *p, int v) nogil
+
+
+cdef inline bint _pool_push(np_conn_t *c) noexcept nogil:
+    # pool_pending is raised before the push: a worker may run the task (and
+    # lower it) before np_taskq_push returns.
+    np_op_incref(&c.op)
+    np__sc_add(&c.pool_pending, 1)
+    if np_taskq_push(c.pool, c) == 0:
+        return True
+    np__sc_add(&c.pool_pending, -1)   # the GIL phase that runs it instead forgets
+    np_op_decref(&c.op)
+    return False
+
+
 cdef void _schedule(np_poller_t *p, np_conn_t *c) noexcept nogil:
     """Run process() for c (RUNNING already set), from its poller: on the
     pool without the GIL, or in this batch's GIL phase."""
     if c.run_mode == RUN_POOL and c.pool != NULL:
-        np_op_incref(&c.op)
-        if np_taskq_push(c.pool, c) == 0:
+        if _pool_push(c):
             return
-        np_op_decref(&c.op)
     np_op_gil(p, &c.op, GR_EVENT)
 
 
 cdef void np_conn_schedule(np_conn_t *c) noexcept nogil:
     """From any thread: run process() for c, whose RUNNING flag the caller set."""
     if c.run_mode == RUN_POOL and c.pool != NULL:
-        np_op_incref(&c.op)
-        if np_taskq_push(c.pool, c) == 0:
+        if _pool_push(c):
             return
-        np_op_decref(&c.op)
     np_op_submit(&c.op, T_PROCESS)
 
 
@@ -459,6 +479,10 @@ cdef void _pool_item(void *item) noexcept:
     cdef np_conn_t *c = <np_conn_t *>item
     cdef Connection conn
     global np_handler_depth
+    # op.pyobj is borrowed: it is safe to take only because the registry still
+    # holds the owner while pool_pending > 0. Without the GIL, a teardown that
+    # dropped it earlier would let another thread free the owner between this
+    # read and the INCREF.
     if c.op.pyobj != NULL:
         conn = <Connection><PyObject *>c.op.pyobj
         np_handler_depth += 1         # in_handler() while the handlers run
@@ -467,6 +491,13 @@ cdef void _pool_item(void *item) noexcept:
         except BaseException:
             log.exception("netpoll: unexpected error in a connection task")
         np_handler_depth -= 1
+        np__sc_add(&c.pool_pending, -1)
+        try:
+            conn._forget_if_done()
+        except BaseException:
+            log.exception("netpoll: unexpected error in a connection task")
+    else:
+        np__sc_add(&c.pool_pending, -1)
     np_op_decref(&c.op)
 
 
@@ -978,6 +1009,7 @@ cdef class Connection(Operator):
                 self._close(False)
         else:
             self._process()
+        self._forget_if_done()      # a pool push that failed ran here instead
         return 0
 
     def _run_task(self):
@@ -990,8 +1022,15 @@ cdef class Connection(Operator):
             np_handler_depth -= 1
 
     cdef int _call_handler(self) except -1:
+        # set_on_request() may replace the handler from another thread: on a
+        # free-threaded build the field is read (and INCREF'd) under the lock
+        # its writer holds, or the old handler could be freed under us.
+        with cython.critical_section(self):
+            handler = self._on_request
+        if handler is None:
+            return 0
         try:
-            self._on_request(self._ctx, self)
+            handler(self._ctx, self)
         except (ConnectionClosedError, ReadTimeoutError, WriteTimeoutError) as e:
             log.debug("netpoll: handler for %s ended: %s", _describe(self), e)
             if isinstance(e, PeerClosedError):
@@ -1102,8 +1141,18 @@ cdef class Connection(Operator):
         np_lb_clear(c.outbuf)
         if (c.op.flags & CF_USER_CLOSED) or self._on_request is not None:
             np_lb_clear(c.inbuf)
-        if self._poller is not None:
-            self._poller.unregister(self)
+        np__sc_store(&c.torn_down, 1)
+        self._forget_if_done()
+        return 0
+
+    cdef int _forget_if_done(self) except -1:
+        """Drop the registry's reference once the teardown ran and no pool task
+        is queued or running (from the poller's teardown or the last task;
+        both may see it: unregister is idempotent)."""
+        cdef np_conn_t *c = self.c
+        if c != NULL and np__sc_load(&c.torn_down) and np__sc_load(&c.pool_pending) == 0:
+            if self._poller is not None:
+                self._poller.unregister(self)
         return 0
 
     # ---------------------------------------------------------- closing
@@ -1129,8 +1178,11 @@ cdef class Connection(Operator):
         _wake_waiters_locked(c)
         pthread_mutex_unlock(&c.op.lock)
         np_poller_kick(c.op.poller)     # an inline handler may be blocked reading
-        callbacks = self._close_callbacks
-        self._close_callbacks = []
+        # Under the object's lock (free-threaded builds): add_close_callback()
+        # from another thread appends to this list or sees CF_CLOSING, never both.
+        with cython.critical_section(self):
+            callbacks = self._close_callbacks
+            self._close_callbacks = []
         for cb in reversed(callbacks):
             try:
                 cb(self)
@@ -1186,17 +1238,19 @@ cdef class Connection(Operator):
         On an already closed connection it is called at once."""
         if not callable(callback):
             raise TypeError("close callback must be callable")
-        if self.c == NULL or self.c.op.flags & CF_CLOSING:
-            callback(self)
-            return
-        self._close_callbacks.append(callback)
+        with cython.critical_section(self):    # see _close()
+            if not (self.c == NULL or self.c.op.flags & CF_CLOSING):
+                self._close_callbacks.append(callback)
+                return
+        callback(self)
 
     def set_on_request(self, handler):
         """Set the on_request(ctx, conn) handler (None removes it)."""
         if handler is not None and not callable(handler):
             raise TypeError("on_request must be callable or None")
         cdef np_conn_t *c = self._live()
-        self._on_request = handler
+        with cython.critical_section(self):    # see _call_handler()
+            self._on_request = handler
         pthread_mutex_lock(&c.op.lock)
         if handler is None:
             c.op.flags &= ~CF_HAS_HANDLER
@@ -1339,19 +1393,33 @@ cdef class Connection(Operator):
         finally:
             s.close()
 
+    cdef object _cached_addr(self, bint peer):
+        # Set once, under the object's lock: two threads storing at once on a
+        # free-threaded build would free the first value while it is returned.
+        cdef object a = self._remote_addr if peer else self._local_addr
+        if a is not None:
+            return a
+        a = self._addr(peer)
+        with cython.critical_section(self):
+            if peer:
+                if self._remote_addr is None:
+                    self._remote_addr = a
+                a = self._remote_addr
+            else:
+                if self._local_addr is None:
+                    self._local_addr = a
+                a = self._local_addr
+        return a
+
     @property
     def local_addr(self):
         """The local address (host, port) or Unix path."""
-        if self._local_addr is None:
-            self._local_addr = self._addr(False)
-        return self._local_addr
+        return self._cached_addr(False)
 
     @property
     def remote_addr(self):
         """The peer's address (host, port) or Unix path ('' for an unnamed peer)."""
-        if self._remote_addr is None:
-            self._remote_addr = self._addr(True)
-        return self._remote_addr
+        return self._cached_addr(True)
 
     def __repr__(self):
         """<Connection fd=N LOCAL->REMOTE STATE> (addresses are remembered

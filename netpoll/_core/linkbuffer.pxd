@@ -65,6 +65,10 @@ cdef struct np_lb_t:
     int tailless
     int reserving
     int closed
+    # write_*() copies into reserved unflushed bytes outside the lock (atomic):
+    # flush() waits for them, or another thread's flush would send bytes not
+    # yet written (without the GIL, writes below COPY_NOGIL_MIN run in parallel too)
+    int copying
 
 # --- chunk pool (no GIL needed) ---
 # A chunk of at least `size` bytes with refcnt 1, or NULL when memory is out.

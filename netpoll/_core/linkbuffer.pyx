@@ -35,6 +35,23 @@ from netpoll._core.includes.system cimport (
     np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int, np_atomic_store_size,
 )
 
+cdef extern from "Python.h":
+    # Py_REFCNT, not ob_refcnt: free-threaded builds split the count in two fields.
+    Py_ssize_t _refcnt "Py_REFCNT"(PyObject *o)
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #define NP_FREE_THREADED 1
+    #else
+    #define NP_FREE_THREADED 0
+    #endif
+    """
+    const int NP_FREE_THREADED
+
 cdef extern from "compat.h" nogil:
     size_t np_atomic_load_size_relaxed(size_t *p)
     void np_atomic_store_size_relaxed(size_t *p, size_t v)
@@ -1182,7 +1199,8 @@ cdef class LinkBuffer:
         if self.lb != NULL:
             if not self.owns:
                 raise TypeError("a connection's buffer cannot be re-initialised")
-            self._mview = self._mexp = self._mmore = None
+            with cython.critical_section(self):    # see malloc()
+                self._mview = self._mexp = self._mmore = None
             np_lb_clear(self.lb)
             self.lb.closed = 0
             if hint > 0:
@@ -1514,14 +1532,17 @@ cdef class LinkBuffer:
             raise MemoryError(f"cannot allocate {k} bytes")
         cv = _exporter(c, p, k, False)
         view = PyMemoryView_FromObject(cv)
-        if self._mexp is None:
-            self._mview = view
-            self._mexp = cv
-        else:
-            if self._mmore is None:
-                self._mmore = []
-            self._mmore.append(view)
-            self._mmore.append(cv)
+        # Free-threaded builds: _mview/_mexp/_mmore are replaced by flush() and
+        # close() from other threads; unlocked, two writers DECREF one value twice.
+        with cython.critical_section(self):
+            if self._mexp is None:
+                self._mview = view
+                self._mexp = cv
+            else:
+                if self._mmore is None:
+                    self._mmore = []
+                self._mmore.append(view)
+                self._mmore.append(cv)
         return view
 
     cdef int _settle(self, bint detach) except -1:
@@ -1535,14 +1556,14 @@ cdef class LinkBuffer:
         cdef Py_ssize_t i
         # A view referenced elsewhere is released; one referenced only here
         # is released by dropping it (unless a slice keeps its buffer).
-        if self._mview is not None and (<PyObject *>self._mview).ob_refcnt > 1:
+        if self._mview is not None and _refcnt(<PyObject *>self._mview) > 1:
             _release_view(self._mview)
         self._mview = self._mexp = self._mmore = None
         if _retire(cv, detach):
             stuck = [cv]
         if more is not None:
             for i in range(0, len(more), 2):
-                if more[i] is not None and (<PyObject *>more[i]).ob_refcnt > 2:  # list + temp
+                if more[i] is not None and _refcnt(<PyObject *>more[i]) > 2:  # list + temp
                     _release_view(more[i])
                 more[i] = None
                 cv = <_ChunkView>more[i + 1]
@@ -1596,7 +1617,9 @@ cdef class LinkBuffer:
         lb.unflushed = k
         _unlock_reap(lb, g)
         if self._mexp is not None:
-            self._settle(True)
+            with cython.critical_section(self):    # see malloc(); re-checked under it
+                if self._mexp is not None:
+                    self._settle(True)
 
     cdef int _write(self, const char *src, size_t n) except -1:
         cdef np_lb_t *lb = self.lb
@@ -1628,17 +1651,27 @@ cdef class LinkBuffer:
         # Reserve (allocating without the lock), then copy without the lock:
         # the bytes are unflushed, so no reader looks at them yet, and the
         # chunk reference keeps them valid whatever happens to the buffer.
+        # `copying` is raised before the reservation and lowered after the
+        # copy: a flush() from another thread waits for it.
         if n >= COPY_NOGIL_MIN:
+            np_atomic_inc_int(&lb.copying)
             with nogil:
                 p = _wreserve(lb, n, False, &c)
                 if p != NULL:
                     memcpy(p, src, n)
                     np_chunk_decref(c)
+                np_atomic_dec_int(&lb.copying)
         else:
+            # With a GIL, no flush() can run while this thread holds it: the
+            # count is only needed on free-threaded builds (compiled out here).
+            if NP_FREE_THREADED:
+                np_atomic_inc_int(&lb.copying)
             p = _wreserve(lb, n, False, &c)
             if p != NULL:
                 memcpy(p, src, n)
                 np_chunk_decref(c)
+            if NP_FREE_THREADED:
+                np_atomic_dec_int(&lb.copying)
         if p == NULL:
             self._check(LB_WRITE)
             raise MemoryError(f"cannot allocate {n} bytes")
@@ -1827,8 +1860,18 @@ cdef class LinkBuffer:
         self._check(LB_WRITE)
         cdef np_lb_t *lb = self.lb
         if self._mexp is not None:
-            self._settle(True)
+            with cython.critical_section(self):    # see malloc(); re-checked under it
+                if self._mexp is not None:
+                    self._settle(True)
         np_spin_lock(&lb.lock)
+        # Another thread's write may be copying into unflushed bytes (see
+        # _write): publishing them now would send what is not written yet.
+        # Seen as 0 under the lock, no copy into a reservation is in flight.
+        while np_atomic_load_int(&lb.copying):
+            np_spin_unlock(&lb.lock)
+            with nogil:
+                sched_yield()
+            np_spin_lock(&lb.lock)
         if lb.unflushed:
             _publish(lb, lb.unflushed)
             lb.unflushed = 0
@@ -1843,7 +1886,8 @@ cdef class LinkBuffer:
             return
         # Views from malloc() stay writable (and safe: they hold their chunks),
         # but nothing reads their memory any more.
-        self._mview = self._mexp = self._mmore = None
+        with cython.critical_section(self):    # see malloc()
+            self._mview = self._mexp = self._mmore = None
         np_spin_lock(&self.lb.lock)
         self.lb.closed = 1
         if not self.lb.reserving:

@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 
+cimport cython
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
@@ -96,7 +97,17 @@ cdef enum:
 
 cdef uint64_t ALL_WCBS = 0xffffffffffffffffULL   # _wcb_take: every callback
 
-cdef uint64_t g_next_tid = 0     # timer ids: distinct for the whole process (GIL)
+cdef extern from *:
+    """
+    static inline uint64_t np_rx_tid_next(uint64_t *p) { return __atomic_add_fetch(p, 1, __ATOMIC_RELAXED); }
+    static inline uint64_t np_rx_tid_last(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    """
+    uint64_t np_rx_tid_next(uint64_t *p) nogil
+    uint64_t np_rx_tid_last(uint64_t *p) nogil
+
+# Timer ids: distinct for the whole process. Taken from any thread, so an
+# atomic counter (without the GIL two threads could draw the same id).
+cdef uint64_t g_next_tid = 0
 
 # Reactors whose pollers run. Their threads use memory the Reactor owns
 # (timers, control blocks), so a reactor that was not stopped must never be
@@ -105,9 +116,15 @@ cdef set g_live_reactors = set()
 
 
 cdef inline uint64_t _new_tid():
-    global g_next_tid
-    g_next_tid += 1
-    return g_next_tid
+    return np_rx_tid_next(&g_next_tid)
+
+
+cdef object _call_on_timeout(object on_timeout, uint64_t tid, int64_t now):
+    try:
+        return on_timeout(tid, now / 1e9)
+    except BaseException:
+        log.exception("netpoll: on_timeout raised")
+        return False
 
 
 cdef int _check_events(object events) except -1:
@@ -790,12 +807,16 @@ cdef class EvHandler(Operator):
         on the poller finishes, and is not re-armed)."""
         if isinstance(timer_id, bool) or not isinstance(timer_id, int):
             raise TypeError("timer_id must be an int returned by schedule_timer")
-        if timer_id <= 0 or timer_id > g_next_tid or self.rp is None or self.closed:
+        if timer_id <= 0 or timer_id > np_rx_tid_last(&g_next_tid) or self.rp is None \
+                or self.closed:
             return None
         if self.rp._is_current():
             self._cancel_local(timer_id)
         else:
-            self._cancelled.add(timer_id)
+            # Under the lock _timer_fired() holds from its check to the call:
+            # once this returns no on_timeout for the id starts (free-threaded).
+            with cython.critical_section(self):
+                self._cancelled.add(timer_id)
             self.rp._post(("cancel", self, timer_id))
         return None
 
@@ -842,8 +863,13 @@ cdef class EvHandler(Operator):
         cdef np_poller_t *p = rp.poller.p
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
-        self.rp = rp
-        self._reactor = rp.reactor_ref
+        # Under the handler's critical section (free-threaded builds): binds from
+        # two threads (two reactors, an acceptor) must not DECREF one old value
+        # twice. Readers elsewhere may go unlocked: every value these fields
+        # held is also referenced by its reactor (_rps, reactor_ref).
+        with cython.critical_section(self):
+            self.rp = rp
+            self._reactor = rp.reactor_ref
         if self.fdstate == FD_NONE:
             c.op.poller = p       # no fd, in no poll set: no locked path reads it
         else:
@@ -860,8 +886,9 @@ cdef class EvHandler(Operator):
         cdef np_handler_t *c = self.h
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
-        self.rp = None
-        self._reactor = None
+        with cython.critical_section(self):    # see _bind
+            self.rp = None
+            self._reactor = None
         c.op.poller = NULL        # fdstate is FD_NONE again: see _bind
         return 0
 
@@ -1169,16 +1196,17 @@ cdef class EvHandler(Operator):
                     f"netpoll: connect to {self.connect_addr!r} timed out after "
                     f"{self.connect_timeout}s"))
             return 0
-        if self.closed or tid in self._cancelled:
-            self._cancelled.discard(tid)
-            self._timers.pop(tid, None)
-            _free_timer(u)
-            return 0
-        try:
-            again = self.on_timeout(tid, now / 1e9)
-        except BaseException:
-            log.exception("netpoll: on_timeout raised")
-            again = False
+        # The check and the start of the call are one step for cancel_timer()
+        # from another thread (it adds under the same lock): on a free-threaded
+        # build, without it, a cancel that returned could still see the call.
+        on_timeout = self.on_timeout
+        with cython.critical_section(self):
+            if self.closed or tid in self._cancelled:
+                self._cancelled.discard(tid)
+                self._timers.pop(tid, None)
+                _free_timer(u)
+                return 0
+            again = _call_on_timeout(on_timeout, tid, now)
         if u.handler == NULL:
             _free_timer(u)                   # the handler closed in the callback
             return 0
