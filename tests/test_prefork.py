@@ -358,3 +358,40 @@ def test_refused_once_pollers_run(tmp_path):
                          timeout=30, stdin=subprocess.DEVNULL)
     assert out.stdout.startswith(b"REFUSED"), out
     assert b"netpoll-poller" in out.stdout
+
+
+@pytest.mark.parametrize("mode", [[], ["--reactor"]], ids=["eventloop", "reactor"])
+def test_example(tmp_path, mode):
+    err = open(tmp_path / "stderr.txt", "w+b")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "prefork_server.py"), "--port", "0", *mode],
+        stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(Path(netpoll.__file__).resolve().parent.parent)))
+    workers: Set[int] = set()
+    try:
+        assert proc.stdout is not None
+        r, _, _ = select.select([proc.stdout], [], [], DEADLINE)
+        line = proc.stdout.readline().decode()
+        assert line.startswith("listening on 127.0.0.1:"), (line, err.seek(0), err.read())
+        port = int(line.rsplit(":", 1)[1])
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        seen = set()
+        for i in range(400):
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+                s.sendall(b"hello %d" % i)
+                who, _, data = s.recv(100).partition(b":")
+            assert data == b"hello %d" % i
+            seen.add(int(who))
+            if seen == workers:
+                break
+        assert seen == workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+        err.close()
+    _until(lambda: not any(_running(p) for p in workers), "the workers to exit")
