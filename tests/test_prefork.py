@@ -64,13 +64,17 @@ print("RETURNED", flush=True)
 DEADLINE = 15.0
 
 
-def _state(pid: int) -> Optional[str]:
-    """The process state letter, or None when it no longer exists."""
+def _state_of(proc_dir: str) -> Optional[str]:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"{proc_dir}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
+
+
+def _state(pid: int) -> Optional[str]:
+    """The process state letter, or None when it no longer exists."""
+    return _state_of(f"/proc/{pid}")
 
 
 def _running(pid: int) -> bool:
@@ -235,6 +239,9 @@ def test_two_workers_share_one_unix_listener(start):
     assert first in workers
     os.kill(first, signal.SIGSTOP)
     try:
+        # SIGSTOP takes effect asynchronously: wait until every thread is stopped.
+        _until(lambda: all(_state_of(f"/proc/{first}/task/{t}") == "T"
+                           for t in os.listdir(f"/proc/{first}/task")), "SIGSTOP")
         (other,) = workers - {first}
         assert {srv.ask() for _ in range(5)} == {other}
     finally:
@@ -305,9 +312,16 @@ def test_supervisor_killed_workers_exit(start):
     _until(lambda: not any(_running(p) for p in workers), "orphaned workers to exit")
 
 
-def test_arguments_are_checked_before_anything_starts():
+def test_arguments_are_checked_before_anything_starts(monkeypatch):
     def h(ctx, conn):
         pass
+
+    def must_not_run(self):
+        raise AssertionError("serve() accepted bad arguments and was about to fork")
+
+    # A check that let bad arguments through must fail here, not fork pytest.
+    import netpoll.prefork
+    monkeypatch.setattr(netpoll.prefork._Supervisor, "run", must_not_run)
 
     with pytest.raises(ValueError):
         netpoll.serve(h, "127.0.0.1:0", processes=0)
