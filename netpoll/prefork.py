@@ -201,7 +201,8 @@ class _Supervisor:
                 return
             elif self.kill_at is not None and now >= self.kill_at:
                 log.warning("prefork: %d worker(s) still running %.1f s after shutdown began: "
-                            "SIGKILL", len(self.by_pid), self.shutdown_timeout or 0.0)
+                            "SIGKILL", len(self.by_pid),
+                            (self.shutdown_timeout or 0.0) + _KILL_GRACE)
                 self._signal_all(signal.SIGKILL)
                 self.kill_at = None
             readable, _, _ = select.select([self.sig_r, self.ready_r], [], [], self._timeout())

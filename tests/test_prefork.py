@@ -37,6 +37,7 @@ import netpoll
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(process)d %(levelname)s %(message)s")
 network, address, processes = sys.argv[2], sys.argv[3], int(sys.argv[4])
+shutdown_timeout = float(sys.argv[5])
 
 
 def on_request(ctx, conn):
@@ -57,7 +58,7 @@ def on_ready(addr):
 
 
 netpoll.serve(on_request, address, processes=processes, network=network,
-              on_ready=on_ready, shutdown_timeout=5.0, runner="pool")
+              on_ready=on_ready, shutdown_timeout=shutdown_timeout, runner="pool")
 print("RETURNED", flush=True)
 '''
 
@@ -110,7 +111,8 @@ def _until(cond, what: str, timeout: float = DEADLINE):
 class Server:
     """The supervisor script, its output, and every worker PID it was seen with."""
 
-    def __init__(self, tmp: Path, network: str, processes: int) -> None:
+    def __init__(self, tmp: Path, network: str, processes: int,
+                 shutdown_timeout: float = 5.0) -> None:
         script = tmp / "prefork_app.py"
         script.write_text(APP)
         if network == "unix":
@@ -121,7 +123,8 @@ class Server:
         self.err_path = tmp / "stderr.txt"
         self.err = open(self.err_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(ROOT), network, address, str(processes)],
+            [sys.executable, str(script), str(ROOT), network, address, str(processes),
+             str(shutdown_timeout)],
             stdout=subprocess.PIPE, stderr=self.err, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
         self.seen: Set[int] = set()
@@ -184,8 +187,8 @@ class Server:
 def start(tmp_path):
     servers: List[Server] = []
 
-    def _start(network: str = "tcp", processes: int = 2) -> Server:
-        srv = Server(tmp_path, network, processes)
+    def _start(network: str = "tcp", processes: int = 2, shutdown_timeout: float = 5.0) -> Server:
+        srv = Server(tmp_path, network, processes, shutdown_timeout)
         servers.append(srv)
         return srv
 
@@ -296,6 +299,21 @@ def test_signal_drains_in_flight_requests(start, sig):
     _until(lambda: not any(_running(p) for p in workers), "the workers to exit")
     with pytest.raises(OSError):
         srv.connect()
+
+
+def test_stuck_worker_is_killed_at_the_deadline(start):
+    srv = start("tcp", 2, shutdown_timeout=0.5)
+    workers = srv.workers()
+    stuck = min(workers)
+    os.kill(stuck, signal.SIGSTOP)         # it cannot shut down by itself
+    t0 = time.monotonic()
+    os.kill(srv.pid, signal.SIGTERM)
+    assert srv.proc.wait(DEADLINE) == 0, srv.stderr()
+    # Killed shutdown_timeout + 3 s after the signal, not before.
+    assert 3.4 <= time.monotonic() - t0 < 10
+    assert srv.readline() == "RETURNED"
+    assert not any(_running(p) for p in workers)
+    assert "SIGKILL" in srv.stderr()
 
 
 def test_supervisor_killed_workers_exit(start):
