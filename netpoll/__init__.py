@@ -20,6 +20,7 @@ from netpoll.errors import (
 )
 from netpoll.eventloop import EventLoop
 from netpoll.listener import Listener, create_listener
+from netpoll.prefork import serve
 from netpoll.reactor import (
     EV_ET,
     EV_IN,
@@ -43,6 +44,7 @@ __all__ = [
     "EventLoop",
     "Listener",
     "create_listener",
+    "serve",
     "Dialer",
     "dial_connection",
     "LoadBalance",
