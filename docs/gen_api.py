@@ -23,7 +23,7 @@ import netpoll
 OUT = Path(__file__).resolve().parent / "api.md"
 
 GROUPS = [
-    ("Server", ["EventLoop", "Listener", "create_listener"]),
+    ("Server", ["EventLoop", "Listener", "create_listener", "serve"]),
     ("Client", ["Dialer", "dial_connection"]),
     ("Connections and buffers", ["Connection", "ConnReader", "ConnWriter", "LinkBuffer"]),
     ("Reactor (goev's model)", ["Reactor", "EvHandler", "Acceptor", "Connector", "ConnectPool",
