@@ -116,9 +116,15 @@ cdef void _all_unlink(np_poller_t *p, np_op_t *op) noexcept nogil:
     pthread_mutex_unlock(&p.all_lock)
 
 
+cdef bint _poll_set_intact(np_poller_t *p) noexcept nogil:
+    """Does p.pfd still name the poll set p created?"""
+    cdef uint64_t dev = 0, ino = 0
+    return np_fd_identity(p.pfd, &dev, &ino) == 0 and dev == p.pfd_dev and ino == p.pfd_ino
+
+
 cdef int np_op_set_interest_locked(np_op_t *op, uint32_t want) noexcept nogil:
     cdef np_poller_t *p = op.poller
-    cdef int ctl
+    cdef int ctl, e
     if want == op.events:
         return 0
     if p == NULL or op.fd < 0 or (op.flags & OF_FD_CLOSED):
@@ -127,7 +133,14 @@ cdef int np_op_set_interest_locked(np_op_t *op, uint32_t want) noexcept nogil:
     # report EPOLLHUP on every wait and spin the poller.
     ctl = NP_CTL_ADD if op.events == 0 else (NP_CTL_DEL if want == 0 else NP_CTL_MOD)
     if np_poll_ctl(p.pfd, ctl, op.fd, want, op.events, op) < 0:
-        return errno
+        e = errno
+        if (e != EBADF and e != EINVAL) or _poll_set_intact(p):
+            return e
+        # The poll set itself is gone (its number closed or reused behind our
+        # back): record the interest and let the poller rebuild its set, which
+        # re-applies every recorded interest (see _rebuild_poll_set).
+        np_atomic_store_int(&p.rebuild, 1)
+        np_poller_kick(p)
     if ctl == NP_CTL_ADD:
         _all_link(p, op)
     elif ctl == NP_CTL_DEL:
@@ -183,7 +196,7 @@ cdef void _rebuild_poll_set(np_poller_t *p) noexcept nogil:
         if op.events and op.fd >= 0 and not (op.flags & OF_FD_CLOSED):
             np_poll_ctl(nfd, NP_CTL_ADD, op.fd, op.events, 0, op)
         pthread_mutex_unlock(&op.lock)
-    if np_fd_identity(p.pfd, &dev, &ino) == 0 and (dev != p.pfd_dev or ino != p.pfd_ino):
+    if np_fd_identity(p.pfd, &dev, &ino) == 0 and not _poll_set_intact(p):
         # The number no longer names our set (someone dup2()ed another file
         # over it): leave their file alone and move to the new number.
         np_atomic_store_int(&p.pfd, nfd)
