@@ -37,6 +37,7 @@ from netpoll._core.poller cimport (
     np_op_incref, np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd,
     np_op_gil, np_op_defer, np_poller_timer_push, np_on_poller_thread, np_on_any_poller,
     np_poller_kick, np_poller_wake_ack, np_poller_set_tick,
+    np_poller_abdicate, np_poller_busy_begin, np_poller_busy_end,
     OF_REGISTERED, OF_FD_CLOSED, T_REGISTER, T_TEARDOWN, T_FORCE, T_ARM_IDLE, T_RESUME,
     T_PROCESS, GR_EVENT, GR_TEARDOWN,
 )
@@ -62,6 +63,7 @@ cdef enum:
     TM_IDLE = 1                 # np_timer_t.kind of the two timers
     TM_DRAIN = 2
     CF_DISOWNED = 1 << 16       # the user closed our fd: it was not closed by us
+    BLOCKY_NS = 500000          # RUN_AUTO: a run this long hands polling off before the next
 
 cdef size_t _chunk_hint = 8192
 
@@ -731,6 +733,9 @@ cdef class ConnReader(LinkBuffer):
                 f"read on {_describe(self.conn)}: {n} bytes exceed the input limit "
                 f"({c.input_limit} bytes)")
         deadline = _deadline(c.read_timeout_ns)
+        if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
+            # Polling passes to a standby, which reads the socket for us.
+            np_poller_abdicate(c.op.poller)
         if np_on_poller_thread(c.op.poller):
             # Inline handler: nobody else will read this socket, so read it here.
             with nogil:
@@ -827,12 +832,15 @@ cdef class ConnWriter(LinkBuffer):
             if np_lb_readable(c.outbuf) <= limit:
                 np_op_defer(c.op.poller, &c.op)
                 return 0
-            deadline = _deadline(c.write_timeout_ns)
-            with nogil:
-                rc = _write_direct(c, limit, deadline)
-            if rc == W_OK and np_lb_readable(c.outbuf):
-                np_op_defer(c.op.poller, &c.op)
-            return self._flush_result(rc)
+            if c.run_mode != RUN_AUTO:
+                deadline = _deadline(c.write_timeout_ns)
+                with nogil:
+                    rc = _write_direct(c, limit, deadline)
+                if rc == W_OK and np_lb_readable(c.outbuf):
+                    np_op_defer(c.op.poller, &c.op)
+                return self._flush_result(rc)
+            # runner="auto": send as a worker does; polling passes to a
+            # standby below if the flush has to wait.
         deadline = _deadline(c.write_timeout_ns)
         # First attempt with the GIL held: the socket is non-blocking, so the
         # send cannot block, and keeping the GIL avoids handing it to another
@@ -846,6 +854,8 @@ cdef class ConnWriter(LinkBuffer):
             pthread_mutex_unlock(&c.op.lock)
             return 0
         pthread_mutex_unlock(&c.op.lock)
+        if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
+            np_poller_abdicate(c.op.poller)
         if np_on_any_poller():
             # Another poller's inline handler: never wait for this
             # connection's poller (it may be waiting for ours). Leave up to
@@ -933,8 +943,31 @@ cdef class Connection(Operator):
                 # The task never ran: nothing else would clear RUNNING.
                 log.exception("netpoll: the runner raised for %s; closing it", _describe(self))
                 self._close(False)
+        elif self.c.run_mode == RUN_AUTO:
+            self._run_auto()
         else:
             self._process()
+        return 0
+
+    cdef int _run_auto(self) except -1:
+        """runner="auto": run process() here, on the poller's leader, and let
+        the monitor hand the poller to a standby if it runs past the
+        threshold. A connection whose last run blocked hands polling off
+        first: its handler will very likely block again."""
+        cdef np_poller_t *p = self.c.op.poller
+        cdef int64_t t0
+        if self._blocky:
+            np_poller_abdicate(p)
+        if np_on_poller_thread(p):
+            t0 = np_poller_busy_begin(p)
+            try:
+                self._process()
+            finally:
+                np_poller_busy_end(p)
+        else:
+            t0 = np_monotonic_ns()
+            self._process()
+        self._blocky = np_monotonic_ns() - t0 > BLOCKY_NS
         return 0
 
     def _run_task(self):
@@ -1336,6 +1369,10 @@ cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object ru
     c.op.poller = poller.p if poller is not None else NULL
     if runner == "inline":
         c.run_mode = RUN_INLINE
+    elif runner == "auto":
+        c.run_mode = RUN_AUTO
+        if poller is not None and not poller.p.handoff:
+            poller._enable_handoff()
     elif runner == "pool" or runner is None:
         c.run_mode = RUN_POOL
         c.pool = pool.q if pool is not None else NULL
