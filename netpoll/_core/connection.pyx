@@ -37,7 +37,8 @@ from netpoll._core.poller cimport (
     np_op_incref, np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd,
     np_op_gil, np_op_defer, np_poller_timer_push, np_on_poller_thread, np_on_any_poller,
     np_poller_kick, np_poller_wake_ack, np_poller_set_tick,
-    np_poller_abdicate, np_poller_busy_begin, np_poller_busy_end,
+    np_poller_abdicate, np_poller_busy_begin, np_poller_busy_end, np_poller_busy_pause,
+    np_poller_busy_resume,
     OF_REGISTERED, OF_FD_CLOSED, T_REGISTER, T_TEARDOWN, T_FORCE, T_ARM_IDLE, T_RESUME,
     T_PROCESS, GR_EVENT, GR_TEARDOWN,
 )
@@ -724,6 +725,7 @@ cdef class ConnReader(LinkBuffer):
         cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
+        cdef long long busy
         cdef int64_t deadline
         if np_lb_readable(c.inbuf) >= n:
             return 0
@@ -738,6 +740,7 @@ cdef class ConnReader(LinkBuffer):
             np_poller_abdicate(c.op.poller)
         if np_on_poller_thread(c.op.poller):
             # Inline handler: nobody else will read this socket, so read it here.
+            busy = np_poller_busy_pause(c.op.poller)
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
                 c.want = n
@@ -746,6 +749,7 @@ cdef class ConnReader(LinkBuffer):
                 pthread_mutex_lock(&c.op.lock)
                 c.want = 0
                 pthread_mutex_unlock(&c.op.lock)
+            np_poller_busy_resume(c.op.poller, busy)
         else:
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
@@ -823,6 +827,7 @@ cdef class ConnWriter(LinkBuffer):
         cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
+        cdef long long busy
         cdef int64_t deadline
         cdef uint64_t target
         cdef size_t limit = c.output_limit
@@ -834,8 +839,12 @@ cdef class ConnWriter(LinkBuffer):
                 return 0
             if c.run_mode != RUN_AUTO:
                 deadline = _deadline(c.write_timeout_ns)
+                # (An auto handler of this poller may be the caller: no
+                # hand-off while this thread still acts as the poller.)
+                busy = np_poller_busy_pause(c.op.poller)
                 with nogil:
                     rc = _write_direct(c, limit, deadline)
+                np_poller_busy_resume(c.op.poller, busy)
                 if rc == W_OK and np_lb_readable(c.outbuf):
                     np_op_defer(c.op.poller, &c.op)
                 return self._flush_result(rc)
@@ -860,8 +869,11 @@ cdef class ConnWriter(LinkBuffer):
             # Another poller's inline handler: never wait for this
             # connection's poller (it may be waiting for ours). Leave up to
             # the limit queued; send the rest from here.
+            busy = np_poller_busy_pause(c.op.poller) if c.run_mode == RUN_AUTO else 0
             with nogil:
                 rc = _write_direct(c, limit, deadline)
+            if c.run_mode == RUN_AUTO:
+                np_poller_busy_resume(c.op.poller, busy)
             return self._flush_result(rc)
         with nogil:
             pthread_mutex_lock(&c.op.lock)

@@ -212,6 +212,11 @@ cdef bint np_poller_abdicate(np_poller_t *p) noexcept
 # standby when the handler runs past the threshold. Returns the start time.
 cdef int64_t np_poller_busy_begin(np_poller_t *p) noexcept
 cdef void np_poller_busy_end(np_poller_t *p) noexcept
+# Around a wait that reads or polls the socket from the leader itself (no
+# standby was free): the monitor must not hand p off meanwhile, or two
+# threads would read one socket. pause returns what resume restores.
+cdef long long np_poller_busy_pause(np_poller_t *p) noexcept
+cdef void np_poller_busy_resume(np_poller_t *p, long long since) noexcept
 
 
 cdef inline void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil:

@@ -686,6 +686,20 @@ cdef void np_poller_busy_end(np_poller_t *p) noexcept:
         _log_missed()
 
 
+cdef long long np_poller_busy_pause(np_poller_t *p) noexcept:
+    cdef long long since
+    if not np_on_poller_thread(p):
+        return -1                    # not ours to pause
+    since = np__load64(&p.busy_since)
+    np__store64(&p.busy_since, 0)
+    return since
+
+
+cdef void np_poller_busy_resume(np_poller_t *p, long long since) noexcept:
+    if since > 0 and np_on_poller_thread(p):
+        np__store64(&p.busy_since, since)
+
+
 def set_handoff(threshold=None, max_threads=None):
     """runner="auto" settings: the time (seconds) a handler may run on a
     poller's leader before polling passes to a standby thread, and the cap
