@@ -26,7 +26,12 @@ import netpoll
 from netpoll.config import runtime
 from netutil import make_server, recv_exact  # noqa: F401
 
-RTT_BOUND = 0.020       # other connections' round trips while one handler blocks
+# Other connections' round trips while one handler blocks for ~200 ms: 99%
+# under 20 ms, and none near the blocking time (a stalled poller shows one
+# round trip of ~200 ms). The tail bound leaves room for a machine shared
+# with other jobs, where even the pool runner sees 30-60 ms hiccups.
+RTT_BOUND = 0.020
+RTT_WORST = 0.100
 
 
 def _poller_of(conn):
@@ -135,7 +140,12 @@ def test_blocking_handler_does_not_stall_others(make_server, how):
     assert blocked_for >= 0.15
     # Served throughout, not once the handler returned.
     assert len(rtts) >= 10, (len(rtts), blocked_for)
-    assert max(rtts) < RTT_BOUND, f"worst round trip {max(rtts) * 1000:.1f} ms"
+    worst = max(rtts)
+    p99 = sorted(rtts)[int(len(rtts) * 0.99)]
+    info = (f"worst round trip {worst * 1000:.1f} ms (#{rtts.index(worst)} of {len(rtts)}), "
+            f"p99 {p99 * 1000:.1f} ms, {netpoll.stats()['handoff']}, hand-offs {_handoffs()}")
+    assert p99 < RTT_BOUND, info
+    assert worst < RTT_WORST, info
 
 
 def test_no_loss_or_reorder_when_polling_changes_hands(make_server):

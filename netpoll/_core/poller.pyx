@@ -632,8 +632,9 @@ cdef void _monitor_loop() noexcept nogil:
             idle_ticks = 0
             pthread_mutex_lock(&g_sb.lock)
             g_sb.mon_sleeping = 1
-            # Timed: busy_begin's unlocked look at mon_sleeping may miss it.
-            np_cond_wait_until(&g_sb.mon_cond, &g_sb.lock, np_monotonic_ns() + 100000000)
+            # Timed (10 ms): busy_begin's unlocked look at mon_sleeping may
+            # miss it; this bounds how late a hand-off can then come.
+            np_cond_wait_until(&g_sb.mon_cond, &g_sb.lock, np_monotonic_ns() + 10000000)
             g_sb.mon_sleeping = 0
             pthread_mutex_unlock(&g_sb.lock)
 
