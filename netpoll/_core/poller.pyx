@@ -485,10 +485,12 @@ g_sb.idle_exit_ns = 10000000000
 cdef list _handoff_pollers = []     # keeps p.pyobj alive for standbys
 
 
-cdef bint _sb_assign(np_poller_t *p) noexcept nogil:
-    """Send an idle standby to lead p (g_sb.lock held). False if none is idle."""
+cdef int _sb_assign(np_poller_t *p) noexcept nogil:
+    """Send an idle standby to lead p (g_sb.lock held): 0 if none is idle, 1
+    if one is already on its way, 2 if the caller must signal g_sb.cond once
+    it dropped the lock (the woken standby then does not block on it)."""
     if p.claim_pending:
-        return True                  # one is already on its way
+        return 1
     if g_sb.idle - g_sb.nneed <= 0:
         g_sb.short += 1              # the monitor starts more
         if g_sb.total + g_sb.spawning >= g_sb.cap:
@@ -503,8 +505,7 @@ cdef bint _sb_assign(np_poller_t *p) noexcept nogil:
         g_sb.need_head = p
     g_sb.need_tail = p
     g_sb.nneed += 1
-    pthread_cond_signal(&g_sb.cond)
-    return True
+    return 2
 
 
 cdef np_poller_t *_sb_wait() noexcept nogil:
@@ -594,7 +595,7 @@ cdef void _monitor_loop() noexcept nogil:
     """Every ~1 ms: hand pollers whose leader has been inside one auto handler
     for longer than the threshold to a standby. Sleeps when no handler was
     seen running for 1 s (busy_begin wakes it)."""
-    cdef int i, idle_ticks = 0
+    cdef int i, r, signals, idle_ticks = 0
     cdef bint busy, spawn
     cdef long long now, b
     cdef np_poller_t *p
@@ -602,6 +603,7 @@ cdef void _monitor_loop() noexcept nogil:
         usleep(1000)
         now = np_monotonic_ns()
         busy = spawn = False
+        signals = 0
         pthread_mutex_lock(&g_sb.lock)
         for i in range(g_sb.npollers):
             p = g_sb.pollers[i]
@@ -612,12 +614,17 @@ cdef void _monitor_loop() noexcept nogil:
                 continue
             busy = True
             if now - b >= g_sb.threshold_ns and p.thread_set and not np_atomic_load_int(&p.stop):
-                if not _sb_assign(p):
+                r = _sb_assign(p)
+                if r == 0:
                     spawn = True
+                elif r == 2:
+                    signals += 1
         if (g_sb.short or g_sb.idle + g_sb.spawning - g_sb.nneed < MIN_SPARE) \
                 and g_sb.total + g_sb.spawning < g_sb.cap:
             spawn = True
         pthread_mutex_unlock(&g_sb.lock)
+        for i in range(signals):
+            pthread_cond_signal(&g_sb.cond)
         if spawn:
             with gil:
                 try:
@@ -646,13 +653,15 @@ def _monitor_main():
 
 cdef bint np_poller_abdicate(np_poller_t *p) noexcept:
     global np__lead
-    cdef bint ok
+    cdef int r
     if not p.handoff or not np_on_poller_thread(p):
         return False
     pthread_mutex_lock(&g_sb.lock)
-    ok = _sb_assign(p)
+    r = _sb_assign(p)
     pthread_mutex_unlock(&g_sb.lock)
-    if not ok:
+    if r == 2:
+        pthread_cond_signal(&g_sb.cond)
+    if r == 0:
         _log_missed()
         return False
     np__store64(&p.busy_since, 0)
