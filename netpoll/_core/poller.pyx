@@ -434,7 +434,8 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
 #     bytes, a flush waiting for room: np_poller_abdicate), or before a
 #     handler that blocked last time (connection.pyx);
 #   - when the monitor sees the leader inside one handler longer than the
-#     threshold (foreign blocking: time.sleep, a database driver, CPU work).
+#     threshold (foreign blocking: time.sleep, a database driver, CPU work;
+#     the monitor wakes at the threshold, so within 2 thresholds).
 # The switch itself (p.thread, and the rest of the GIL phase's batch,
 # p.batch) happens with the GIL held: the new leader takes the GIL before it
 # claims p, so the old leader is never between "am I the leader?" and a
@@ -592,18 +593,28 @@ cdef void _wake_monitor() noexcept nogil:
 
 
 cdef void _monitor_loop() noexcept nogil:
-    """Every ~1 ms: hand pollers whose leader has been inside one auto handler
-    for longer than the threshold to a standby. Sleeps when no handler was
-    seen running for 1 s (busy_begin wakes it)."""
-    cdef int i, r, signals, idle_ticks = 0
+    """Hand pollers whose leader has been inside one auto handler for longer
+    than the threshold to a standby. It wakes when the oldest running
+    handler reaches the threshold, and at least every `threshold` (1-20 ms):
+    a handler that blocks is handed off within two thresholds, and short
+    handlers cost ~500 wake-ups a second. Sleeps when no handler was seen
+    running for 1 s (busy_begin wakes it)."""
+    cdef int i, r, signals
     cdef bint busy, spawn
-    cdef long long now, b
+    cdef long long now, b, calm, next_ns, idle_ns = 0
+    cdef long long sleep_ns = 1000000
     cdef np_poller_t *p
     while True:
-        usleep(1000)
+        usleep(<unsigned int>(sleep_ns // 1000))
         now = np_monotonic_ns()
         busy = spawn = False
         signals = 0
+        calm = g_sb.threshold_ns
+        if calm < 1000000:
+            calm = 1000000
+        elif calm > 20000000:
+            calm = 20000000
+        next_ns = calm
         pthread_mutex_lock(&g_sb.lock)
         for i in range(g_sb.npollers):
             p = g_sb.pollers[i]
@@ -613,12 +624,15 @@ cdef void _monitor_loop() noexcept nogil:
             if b <= 0:
                 continue
             busy = True
-            if now - b >= g_sb.threshold_ns and p.thread_set and not np_atomic_load_int(&p.stop):
-                r = _sb_assign(p)
-                if r == 0:
-                    spawn = True
-                elif r == 2:
-                    signals += 1
+            if now - b >= g_sb.threshold_ns:
+                if p.thread_set and not np_atomic_load_int(&p.stop):
+                    r = _sb_assign(p)
+                    if r == 0:
+                        spawn = True
+                    elif r == 2:
+                        signals += 1
+            elif b + g_sb.threshold_ns - now < next_ns:
+                next_ns = b + g_sb.threshold_ns - now
         if (g_sb.short or g_sb.idle + g_sb.spawning - g_sb.nneed < MIN_SPARE) \
                 and g_sb.total + g_sb.spawning < g_sb.cap:
             spawn = True
@@ -631,12 +645,13 @@ cdef void _monitor_loop() noexcept nogil:
                     _sb_top_up()
                 except BaseException:
                     pass
+        sleep_ns = next_ns if next_ns > 100000 else 100000
         if busy:
-            idle_ticks = 0
+            idle_ns = 0
             continue
-        idle_ticks += 1
-        if idle_ticks >= 1000:
-            idle_ticks = 0
+        idle_ns += sleep_ns
+        if idle_ns >= 1000000000:
+            idle_ns = 0
             pthread_mutex_lock(&g_sb.lock)
             g_sb.mon_sleeping = 1
             # Timed (10 ms): busy_begin's unlocked look at mon_sleeping may
