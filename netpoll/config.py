@@ -117,8 +117,10 @@ def configure(
     pool_size: worker threads of the "pool" runner, 1..4096 (default 16).
     handoff_threshold: runner "auto": seconds a handler may run on a poller
     thread before the poller's loop passes to a standby thread (default
-    0.002; netpoll's own waits, a read waiting for bytes or a flush waiting
-    for the peer, hand off at once). max_threads: runner "auto": cap on the
+    0.002; it happens within two thresholds). netpoll's own waits, a read
+    waiting for bytes or a flush waiting for the peer, hand off at once, and
+    so does the next run of a connection whose handler last ran longer than
+    0.5 ms. max_threads: runner "auto": cap on the
     threads that lead pollers or wait as standbys, 2..65536 (default 256;
     the pool grows on demand and shrinks after 10 s idle). Both may be
     changed at any time.
