@@ -119,8 +119,8 @@ def configure(
     thread before the poller's loop passes to a standby thread (default
     0.002; it happens within two thresholds). netpoll's own waits, a read
     waiting for bytes or a flush waiting for the peer, hand off at once, and
-    so does the next run of a connection whose handler last ran longer than
-    0.5 ms. max_threads: runner "auto": cap on the
+    so does the next run of a connection whose handler ran longer than 0.5 ms
+    twice in a row. max_threads: runner "auto": cap on the
     threads that lead pollers or wait as standbys, 2..65536 (default 256;
     the pool grows on demand and shrinks after 10 s idle). Both may be
     changed at any time.

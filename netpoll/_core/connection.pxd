@@ -85,7 +85,7 @@ cdef class Connection(Operator):
     cdef bint _connected            # on_connect ran (or there is none)
     cdef bint _disconnected
     cdef bint _close_when_idle      # graceful shutdown: close once the handler returns
-    cdef bint _blocky               # RUN_AUTO: the last run blocked (or ran long)
+    cdef int _long_runs             # RUN_AUTO: consecutive runs that blocked (or ran long)
 
     cdef int _process(self) except -1
     cdef int _run_auto(self) except -1

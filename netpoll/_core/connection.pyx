@@ -64,7 +64,7 @@ cdef enum:
     TM_IDLE = 1                 # np_timer_t.kind of the two timers
     TM_DRAIN = 2
     CF_DISOWNED = 1 << 16       # the user closed our fd: it was not closed by us
-    BLOCKY_NS = 500000          # RUN_AUTO: a run this long hands polling off before the next
+    BLOCKY_NS = 500000          # RUN_AUTO: two runs this long hand polling off before the next
 
 cdef size_t _chunk_hint = 8192
 
@@ -964,11 +964,12 @@ cdef class Connection(Operator):
     cdef int _run_auto(self) except -1:
         """runner="auto": run process() here, on the poller's leader, and let
         the monitor hand the poller to a standby if it runs past the
-        threshold. A connection whose last run blocked hands polling off
-        first: its handler will very likely block again."""
+        threshold. A connection whose last two runs blocked hands polling
+        off first: its handler will very likely block again. (Two: one long
+        run may be this thread being preempted, not the handler blocking.)"""
         cdef np_poller_t *p = self.c.op.poller
         cdef int64_t t0
-        if self._blocky:
+        if self._long_runs >= 2:
             np_poller_abdicate(p)
         if np_on_poller_thread(p):
             t0 = np_poller_busy_begin(p)
@@ -979,7 +980,11 @@ cdef class Connection(Operator):
         else:
             t0 = np_monotonic_ns()
             self._process()
-        self._blocky = np_monotonic_ns() - t0 > BLOCKY_NS
+        if np_monotonic_ns() - t0 > BLOCKY_NS:
+            if self._long_runs < 2:
+                self._long_runs += 1
+        else:
+            self._long_runs = 0
         return 0
 
     def _run_task(self):
