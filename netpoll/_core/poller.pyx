@@ -977,8 +977,10 @@ cdef class Poller:
         self.registry.pop(id(op), None)
 
     def stop(self, timeout=None):
-        """Stop the loop and join the thread. Registered fds are not closed
-        here: callers close their connections first."""
+        """Stop the loop and wait (up to `timeout`) until it ended, on
+        whichever thread leads it (runner="auto" moves the loop between
+        threads). Registered fds are not closed here: callers close their
+        connections first."""
         np_atomic_store_int(&self.p.stop, 1)
         np_wakeup_signal(self.p.wake_w)
         t = self.thread
