@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 from netpoll import _validate
 from netpoll._core.connection import set_buffer_size as _set_buffer_size
 from netpoll._core.connection import bind_pool
-from netpoll._core.poller import Poller
+from netpoll._core.poller import Poller, handoff_stats, set_handoff
 from netpoll._core.runner import WorkerPool
 
 __all__ = ["LoadBalance", "configure", "set_num_loops", "set_load_balance", "stats"]
@@ -29,6 +29,7 @@ Runner = Union[str, Callable[[Callable[[], None]], Any]]
 _MAX_LOOPS = 1024
 _MAX_BUFFER_SIZE = 64 << 20
 _MAX_POOL_SIZE = 4096
+_MAX_THREADS = 65536
 
 
 class LoadBalance(enum.Enum):
@@ -39,9 +40,9 @@ class LoadBalance(enum.Enum):
 
 
 def _check_runner(runner: Runner) -> Runner:
-    if runner in ("pool", "inline") or callable(runner):
+    if runner in ("pool", "inline", "auto") or callable(runner):
         return runner
-    raise ValueError(f"runner must be 'pool', 'inline' or a callable, got {runner!r}")
+    raise ValueError(f"runner must be 'pool', 'inline', 'auto' or a callable, got {runner!r}")
 
 
 def _default_num_loops() -> int:
@@ -119,6 +120,8 @@ def configure(
     buffer_size: Optional[int] = None,
     runner: Optional[Runner] = None,
     pool_size: Optional[int] = None,
+    handoff_threshold: Optional[float] = None,
+    max_threads: Optional[int] = None,
 ) -> None:
     """Set global options. Call before the first EventLoop or dial.
 
@@ -128,6 +131,15 @@ def configure(
     buffer_size: preferred size of new buffer chunks in bytes, 1..64 MiB.
     runner: default runner for EventLoops and dialed connections.
     pool_size: worker threads of the "pool" runner, 1..4096 (default 16).
+    handoff_threshold: runner "auto": seconds a handler may run on a poller
+    thread before the poller's loop passes to a standby thread (default
+    0.002; it happens within two thresholds). netpoll's own waits, a read
+    waiting for bytes or a flush waiting for the peer, hand off at once, and
+    so does the next run of a connection whose handler ran longer than 0.5 ms
+    twice in a row. max_threads: runner "auto": cap on the
+    threads that lead pollers or wait as standbys, 2..65536 (default 256;
+    the pool grows on demand and shrinks after 10 s idle). Both may be
+    changed at any time.
 
     Every argument is checked before any is applied: a call that raises
     (TypeError, ValueError, or RuntimeError for a pool_size once the pool
@@ -142,6 +154,12 @@ def configure(
                                      maximum=_MAX_BUFFER_SIZE)
     if runner is not None:
         runner = _check_runner(runner)
+    if handoff_threshold is not None:
+        handoff_threshold = _validate.seconds(handoff_threshold, "handoff_threshold",
+                                              none_ok=False, inf_ok=False, zero_ok=False)
+    if max_threads is not None:
+        max_threads = _validate.size(max_threads, "max_threads", minimum=2,
+                                     maximum=_MAX_THREADS)
     if pool_size is not None:
         pool_size = _validate.size(pool_size, "pool_size", minimum=1, maximum=_MAX_POOL_SIZE)
         if _runtime.pool is not None:
@@ -160,6 +178,8 @@ def configure(
         _runtime.runner = runner
     if pool_size is not None:
         _runtime.pool_size = pool_size
+    if handoff_threshold is not None or max_threads is not None:
+        set_handoff(handoff_threshold, max_threads)
 
 
 def set_num_loops(n: int) -> None:
@@ -191,7 +211,8 @@ def stats() -> Dict[str, Any]:
     ``timers``: timers armed on the pollers' heaps (idle timeouts and the
     like); ``pollers``: each poller's counters, with its own ``connections``;
     ``pool``: the worker pool (None before first use): size, queued tasks,
-    workers running a task; ``buffers``: the chunk pool (chunks and bytes in
+    workers running a task; ``handoff``: runner "auto"'s standby threads
+    (threads, idle, cap, threshold); ``buffers``: the chunk pool (chunks and bytes in
     use and cached, per size class)."""
     from netpoll._core.connection import Connection
     from netpoll._core.linkbuffer import pool_stats
@@ -209,6 +230,7 @@ def stats() -> Dict[str, Any]:
         "pollers": pollers,
         "pool": None if pool is None else {
             "size": pool.size, "pending": pool.pending(), "active": pool.active()},
+        "handoff": handoff_stats(),
         "buffers": pool_stats(),
     }
 

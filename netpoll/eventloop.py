@@ -43,7 +43,11 @@ class EventLoop:
     arrive. runner: "pool" (default; a bounded worker pool, handlers may
     block), "inline" (on the poller thread; fastest, handlers must not block:
     a blocking read there stalls that poller's other connections until its
-    bytes arrive or the read timeout passes), or a callable run(task).
+    bytes arrive or the read timeout passes), "auto" (inline on the poller
+    thread, and when a handler blocks the poller's loop passes to a standby
+    thread: at once when it waits in netpoll, after
+    ``configure(handoff_threshold=...)`` seconds otherwise; see
+    ``configure``), or a callable run(task).
 
     input_limit: while this many bytes are buffered unread, the socket is not
     read (TCP pushes back on the peer); a read asking for more raises

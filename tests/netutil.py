@@ -19,7 +19,7 @@ import pytest
 
 import netpoll
 
-RUNNERS = ["pool", "inline"]
+RUNNERS = ["pool", "inline", "auto"]
 NETWORKS = ["tcp", "unix"]
 
 HDR = struct.Struct("!I")

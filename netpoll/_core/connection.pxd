@@ -33,6 +33,7 @@ cdef enum:
     RUN_POOL = 0      # queued to the WorkerPool without the GIL
     RUN_INLINE = 1    # called on the poller thread in the GIL phase
     RUN_CUSTOM = 2    # handed to a user callable in the GIL phase
+    RUN_AUTO = 3      # inline on the poller's leader; polling moves when it blocks
 
 cdef struct np_conn_t:
     np_op_t op                 # the header first: an np_conn_t * is an np_op_t *
@@ -90,8 +91,10 @@ cdef class Connection(Operator):
     cdef bint _connected            # on_connect ran (or there is none)
     cdef bint _disconnected
     cdef bint _close_when_idle      # graceful shutdown: close once the handler returns
+    cdef int _long_runs             # RUN_AUTO: consecutive runs that blocked (or ran long)
 
     cdef int _process(self) except -1
+    cdef int _run_auto(self) except -1
     cdef int _close(self, bint user) except -1
     cdef int _peer_gone(self) except -1
     cdef int _call_handler(self) except -1

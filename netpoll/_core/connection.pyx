@@ -38,6 +38,8 @@ from netpoll._core.poller cimport (
     np_op_incref, np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd,
     np_op_gil, np_op_defer, np_poller_timer_push, np_on_poller_thread, np_on_any_poller,
     np_poller_kick, np_poller_wake_ack, np_poller_set_tick,
+    np_poller_abdicate, np_poller_busy_begin, np_poller_busy_end, np_poller_busy_pause,
+    np_poller_busy_resume,
     OF_REGISTERED, OF_FD_CLOSED, T_REGISTER, T_TEARDOWN, T_FORCE, T_ARM_IDLE, T_RESUME,
     T_PROCESS, GR_EVENT, GR_TEARDOWN,
 )
@@ -63,6 +65,7 @@ cdef enum:
     TM_IDLE = 1                 # np_timer_t.kind of the two timers
     TM_DRAIN = 2
     CF_DISOWNED = 1 << 16       # the user closed our fd: it was not closed by us
+    BLOCKY_NS = 500000          # RUN_AUTO: two runs this long hand polling off before the next
 
 cdef size_t _chunk_hint = 8192
 
@@ -779,6 +782,7 @@ cdef class ConnReader(LinkBuffer):
         cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
+        cdef long long busy
         if np_lb_readable(c.inbuf) >= n:
             return 0
         if c.input_limit and n > c.input_limit:
@@ -786,8 +790,12 @@ cdef class ConnReader(LinkBuffer):
             raise ValueError(
                 f"read on {_describe(self.conn)}: {n} bytes exceed the input limit "
                 f"({c.input_limit} bytes)")
+        if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
+            # Polling passes to a standby, which reads the socket for us.
+            np_poller_abdicate(c.op.poller)
         if np_on_poller_thread(c.op.poller):
             # Inline handler: nobody else will read this socket, so read it here.
+            busy = np_poller_busy_pause(c.op.poller)
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
                 c.want = n
@@ -796,6 +804,7 @@ cdef class ConnReader(LinkBuffer):
                 pthread_mutex_lock(&c.op.lock)
                 c.want = 0
                 pthread_mutex_unlock(&c.op.lock)
+            np_poller_busy_resume(c.op.poller, busy)
         else:
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
@@ -892,6 +901,7 @@ cdef class ConnWriter(LinkBuffer):
         cdef np_conn_t *c = self.conn.c
         cdef int rc = W_OK
         cdef int r
+        cdef long long busy
         cdef int64_t deadline
         cdef uint64_t target
         cdef size_t limit = c.output_limit
@@ -901,12 +911,19 @@ cdef class ConnWriter(LinkBuffer):
             if np_lb_readable(c.outbuf) <= limit:
                 np_op_defer(c.op.poller, &c.op)
                 return 0
-            deadline = _deadline(c.write_timeout_ns)
-            with nogil:
-                rc = _write_direct(c, limit, deadline)
-            if rc == W_OK and np_lb_readable(c.outbuf):
-                np_op_defer(c.op.poller, &c.op)
-            return self._flush_result(rc)
+            if c.run_mode != RUN_AUTO:
+                deadline = _deadline(c.write_timeout_ns)
+                # (An auto handler of this poller may be the caller: no
+                # hand-off while this thread still acts as the poller.)
+                busy = np_poller_busy_pause(c.op.poller)
+                with nogil:
+                    rc = _write_direct(c, limit, deadline)
+                np_poller_busy_resume(c.op.poller, busy)
+                if rc == W_OK and np_lb_readable(c.outbuf):
+                    np_op_defer(c.op.poller, &c.op)
+                return self._flush_result(rc)
+            # runner="auto": send as a worker does; polling passes to a
+            # standby below if the flush has to wait.
         deadline = _deadline(c.write_timeout_ns)
         # First attempt with the GIL held: the socket is non-blocking, so the
         # send cannot block, and keeping the GIL avoids handing it to another
@@ -920,12 +937,17 @@ cdef class ConnWriter(LinkBuffer):
             pthread_mutex_unlock(&c.op.lock)
             return 0
         pthread_mutex_unlock(&c.op.lock)
+        if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
+            np_poller_abdicate(c.op.poller)
         if np_on_any_poller():
             # Another poller's inline handler: never wait for this
             # connection's poller (it may be waiting for ours). Leave up to
             # the limit queued; send the rest from here.
+            busy = np_poller_busy_pause(c.op.poller) if c.run_mode == RUN_AUTO else 0
             with nogil:
                 rc = _write_direct(c, limit, deadline)
+            if c.run_mode == RUN_AUTO:
+                np_poller_busy_resume(c.op.poller, busy)
             return self._flush_result(rc)
         with nogil:
             pthread_mutex_lock(&c.op.lock)
@@ -1007,9 +1029,37 @@ cdef class Connection(Operator):
                 # The task never ran: nothing else would clear RUNNING.
                 log.exception("netpoll: the runner raised for %s; closing it", _describe(self))
                 self._close(False)
+        elif self.c.run_mode == RUN_AUTO:
+            self._run_auto()
         else:
             self._process()
         self._forget_if_done()      # a pool push that failed ran here instead
+        return 0
+
+    cdef int _run_auto(self) except -1:
+        """runner="auto": run process() here, on the poller's leader, and let
+        the monitor hand the poller to a standby if it runs past the
+        threshold. A connection whose last two runs blocked hands polling
+        off first: its handler will very likely block again. (Two: one long
+        run may be this thread being preempted, not the handler blocking.)"""
+        cdef np_poller_t *p = self.c.op.poller
+        cdef int64_t t0
+        if self._long_runs >= 2:
+            np_poller_abdicate(p)
+        if np_on_poller_thread(p):
+            t0 = np_poller_busy_begin(p)
+            try:
+                self._process()
+            finally:
+                np_poller_busy_end(p)
+        else:
+            t0 = np_monotonic_ns()
+            self._process()
+        if np_monotonic_ns() - t0 > BLOCKY_NS:
+            if self._long_runs < 2:
+                self._long_runs += 1
+        else:
+            self._long_runs = 0
         return 0
 
     def _run_task(self):
@@ -1453,6 +1503,10 @@ cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object ru
     c.op.poller = poller.p if poller is not None else NULL
     if runner == "inline":
         c.run_mode = RUN_INLINE
+    elif runner == "auto":
+        c.run_mode = RUN_AUTO
+        if poller is not None and not poller.p.handoff:
+            poller._enable_handoff()
     elif runner == "pool" or runner is None:
         c.run_mode = RUN_POOL
         c.pool = pool.q if pool is not None else NULL

@@ -144,6 +144,18 @@ cdef struct np_poller_t:
     uint64_t errors           # failures logged by the loop (epoll_wait, timer ENOMEM, ...)
     int last_error            # errno of the last of them, for the GIL phase to log
     int rebuild               # atomic: a registration may outlive its fd (np_op_close_fd)
+    # Leadership (runner="auto", poller.pyx "Leaders and standbys"). The leader
+    # is the thread running the loop; `thread` is its id. Under the GIL:
+    # `thread`/`thread_set` change (a hand-off), and `batch`, the rest of the
+    # GIL phase's list, is popped, so a new leader can take it over.
+    void *pyobj               # borrowed Poller (hand-off pollers are kept alive)
+    int handoff               # hand-offs enabled (Poller._enable_handoff)
+    int claim_pending         # a standby is on its way to lead (g_sb.lock)
+    int in_need               # queued in g_sb.need (g_sb.lock)
+    np_poller_t *next_need
+    long long busy_since      # atomic: an auto handler on the leader started then; 0: none
+    np_op_t *batch
+    uint64_t handoffs         # statistics: leadership passed to a standby
 
 # ---- operator API (any thread unless noted, never needs the GIL) ----
 # Initialise the header of a zeroed struct; refcnt 1 (the creator's).
@@ -187,7 +199,24 @@ cdef void np_poller_wake_ack(np_poller_t *p) noexcept nogil
 # cimport them do not call through an imported function pointer.
 
 cdef inline bint np_on_poller_thread(np_poller_t *p) noexcept nogil:
+    """True on the thread that currently leads p (runs its loop)."""
     return p != NULL and p.thread_set and pthread_equal(p.thread, pthread_self())
+
+
+# ---- leadership (runner="auto"; GIL held for all three) ----
+# The leader gives p to a standby thread before it waits (netpoll's own
+# blocking calls) or before a handler known to block. True if a standby was
+# found: this thread no longer leads p (np_on_poller_thread is false).
+cdef bint np_poller_abdicate(np_poller_t *p) noexcept
+# Around an auto handler run on the leader: lets the monitor hand p to a
+# standby when the handler runs past the threshold. Returns the start time.
+cdef int64_t np_poller_busy_begin(np_poller_t *p) noexcept
+cdef void np_poller_busy_end(np_poller_t *p) noexcept
+# Around a wait that reads or polls the socket from the leader itself (no
+# standby was free): the monitor must not hand p off meanwhile, or two
+# threads would read one socket. pause returns what resume restores.
+cdef long long np_poller_busy_pause(np_poller_t *p) noexcept
+cdef void np_poller_busy_resume(np_poller_t *p, long long since) noexcept
 
 
 cdef inline void np_op_gil(np_poller_t *p, np_op_t *op, int reason) noexcept nogil:
@@ -227,4 +256,7 @@ cdef class Poller:
     cdef double _last_log      # monotonic time of the last error logged
     cdef object __weakref__
     cdef int _register(self, Operator op) except -1
+    cdef object _done          # threading.Event: the loop ended (stop())
     cdef int _gil_phase(self) except -1
+    cdef int _loop(self) except -1
+    cdef int _claim(self) except -1

@@ -29,7 +29,8 @@ from netpoll._core.includes.system cimport (
     close, errno, EINTR, ENOENT, ENOMEM, EBADF, EINVAL, np_event_t, NP_EV_READ, NP_POLL_MAX,
     NP_CTL_ADD, NP_CTL_MOD, NP_CTL_DEL, NP_POLL_NEEDS_REBUILD,
     pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock,
-    pthread_self,
+    pthread_self, pthread_mutex_t, pthread_cond_t, pthread_cond_signal,
+    np_cond_init_monotonic, np_cond_wait_until, ETIMEDOUT,
     np_atomic_load_int, np_atomic_store_int, np_atomic_load_size,
     np_atomic_cas_int, np_atomic_xchg_int, np_monotonic_ns,
     np_poll_create, np_poll_ctl, np_poll_wait, np_poll_replace, np_fd_identity,
@@ -59,13 +60,19 @@ cdef enum:
 cdef np_tick_fn g_tick = NULL
 cdef void *g_tick_arg = NULL
 
-# Set on poller threads (any poller, EventLoop's or a Reactor's): a thread
-# that serves other connections must never wait on another poller.
+# The poller this thread leads (any poller, EventLoop's or a Reactor's), or
+# NULL: a thread that serves other connections must never wait on another
+# poller. With hand-offs a thread may stop leading: np_on_any_poller() also
+# checks that it still leads. The 64-bit atomics are for busy_since.
 cdef extern from *:
     """
-    static __thread int np__on_a_poller = 0;
+    static __thread void *np__lead = 0;
+    static inline long long np__load64(long long *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void np__store64(long long *p, long long v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
-    int np__on_a_poller
+    void *np__lead
+    long long np__load64(long long *p) nogil
+    void np__store64(long long *p, long long v) nogil
 
 
 cdef void np_poller_set_tick(np_tick_fn fn, void *arg) noexcept nogil:
@@ -75,7 +82,7 @@ cdef void np_poller_set_tick(np_tick_fn fn, void *arg) noexcept nogil:
 
 
 cdef bint np_on_any_poller() noexcept nogil:
-    return np__on_a_poller != 0
+    return np__lead != NULL and np_on_poller_thread(<np_poller_t *>np__lead)
 
 # ---------------------------------------------------------------- operators
 
@@ -431,6 +438,325 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
         op.kind.timer(p, op, t, now)
     return n
 
+# ------------------------------------------------- leaders and standbys
+#
+# runner="auto" (Go's hand-off of a P when its M blocks, with sysmon): the
+# leader of a poller runs auto handlers inline, in its GIL phase. Polling
+# passes to a standby thread
+#   - at once when a handler is about to wait in netpoll (a read waiting for
+#     bytes, a flush waiting for room: np_poller_abdicate), or before a
+#     handler that blocked last time (connection.pyx);
+#   - when the monitor sees the leader inside one handler longer than the
+#     threshold (foreign blocking: time.sleep, a database driver, CPU work;
+#     the monitor wakes at the threshold, so within 2 thresholds).
+# The switch itself (p.thread, and the rest of the GIL phase's batch,
+# p.batch) happens with the GIL held: the new leader takes the GIL before it
+# claims p, so the old leader is never between "am I the leader?" and a
+# write to its poller's own lists, which it only does holding the GIL. The
+# old leader, once its handler returns, sees that it lost p (the batch is
+# not its any more) and becomes a standby.
+#
+# Standbys are Python threads waiting in C without the GIL. The pool keeps
+# MIN_SPARE of them idle, grows up to `cap` threads and shrinks when they
+# stay idle for IDLE_EXIT_NS (keeping MIN_KEEP). With no idle standby (the
+# cap reached) no hand-off happens: the poller stalls as with runner="inline"
+# (logged once).
+
+cdef enum:
+    MIN_SPARE = 2
+    MIN_KEEP = 2
+    MAX_HANDOFF_POLLERS = 1024
+
+cdef struct np_standby_t:
+    pthread_mutex_t lock
+    pthread_cond_t cond          # standbys wait here for a poller to lead
+    pthread_cond_t mon_cond      # the monitor sleeps here when no handler ran for 1 s
+    np_poller_t *need_head       # pollers waiting for a standby (FIFO)
+    np_poller_t *need_tail
+    int nneed
+    int idle                     # standbys waiting on cond
+    int total                    # standby threads alive (leading or waiting)
+    int spawning                 # started, not yet counted in total
+    int cap
+    int mon_sleeping
+    int mon_started
+    int missed                   # a hand-off found no standby, at the cap (logged once)
+    int short                    # hand-offs that found no standby since the last tick
+    int logged
+    long long threshold_ns
+    long long idle_exit_ns
+    int npollers
+    np_poller_t *pollers[MAX_HANDOFF_POLLERS]
+
+cdef np_standby_t g_sb
+memset(&g_sb, 0, sizeof(np_standby_t))
+pthread_mutex_init(&g_sb.lock, NULL)
+np_cond_init_monotonic(&g_sb.cond)
+np_cond_init_monotonic(&g_sb.mon_cond)
+g_sb.cap = 256
+g_sb.threshold_ns = 2000000
+g_sb.idle_exit_ns = 10000000000
+cdef list _handoff_pollers = []     # keeps p.pyobj alive for standbys
+
+
+cdef int _sb_assign(np_poller_t *p) noexcept nogil:
+    """Send an idle standby to lead p (g_sb.lock held): 0 if none is idle, 1
+    if one is already on its way, 2 if the caller must signal g_sb.cond once
+    it dropped the lock (the woken standby then does not block on it)."""
+    if p.claim_pending:
+        return 1
+    if g_sb.idle - g_sb.nneed <= 0:
+        g_sb.short += 1              # the monitor starts more
+        if g_sb.total + g_sb.spawning >= g_sb.cap:
+            g_sb.missed = 1
+        return False
+    p.claim_pending = 1
+    p.in_need = 1
+    p.next_need = NULL
+    if g_sb.need_tail != NULL:
+        g_sb.need_tail.next_need = p
+    else:
+        g_sb.need_head = p
+    g_sb.need_tail = p
+    g_sb.nneed += 1
+    return 2
+
+
+cdef np_poller_t *_sb_wait() noexcept nogil:
+    """A standby's wait: the next poller to lead, or NULL when this thread
+    should exit (idle too long beyond MIN_KEEP threads)."""
+    cdef np_poller_t *p
+    cdef int r
+    pthread_mutex_lock(&g_sb.lock)
+    while True:
+        p = g_sb.need_head
+        if p != NULL:
+            g_sb.need_head = p.next_need
+            if g_sb.need_head == NULL:
+                g_sb.need_tail = NULL
+            p.next_need = NULL
+            p.in_need = 0
+            g_sb.nneed -= 1
+            pthread_mutex_unlock(&g_sb.lock)
+            return p
+        g_sb.idle += 1
+        r = np_cond_wait_until(&g_sb.cond, &g_sb.lock, np_monotonic_ns() + g_sb.idle_exit_ns)
+        g_sb.idle -= 1
+        if r == ETIMEDOUT and g_sb.need_head == NULL and g_sb.total > MIN_KEEP:
+            g_sb.total -= 1
+            pthread_mutex_unlock(&g_sb.lock)
+            return NULL
+
+
+cdef int _sb_top_up() except -1:
+    """Start standbys so that MIN_SPARE wait idle, within the cap (GIL held);
+    more when hand-offs found none lately (handlers blocking in bulk)."""
+    cdef int n
+    pthread_mutex_lock(&g_sb.lock)
+    n = MIN_SPARE - (g_sb.idle + g_sb.spawning - g_sb.nneed) + 4 * g_sb.short
+    g_sb.short = 0
+    if n > g_sb.cap - g_sb.total - g_sb.spawning:
+        n = g_sb.cap - g_sb.total - g_sb.spawning
+    if n > 0:
+        g_sb.spawning += n
+    pthread_mutex_unlock(&g_sb.lock)
+    for _ in range(n):
+        try:
+            threading.Thread(target=_standby_main, name="netpoll-standby", daemon=True).start()
+        except BaseException:
+            pthread_mutex_lock(&g_sb.lock)
+            g_sb.spawning -= 1
+            pthread_mutex_unlock(&g_sb.lock)
+            log.exception("netpoll: cannot start a standby thread")
+            return 0
+    return 0
+
+
+def _standby_main():
+    pthread_mutex_lock(&g_sb.lock)
+    g_sb.spawning -= 1
+    g_sb.total += 1
+    pthread_mutex_unlock(&g_sb.lock)
+    _standby_loop()
+
+
+cdef int _standby_loop() except -1:
+    """Wait for pollers to lead until idle for too long (this thread is
+    counted in g_sb.total)."""
+    cdef np_poller_t *p
+    cdef Poller poller
+    while True:
+        with nogil:
+            p = _sb_wait()
+        if p == NULL:
+            return 0
+        poller = <Poller>p.pyobj
+        try:
+            poller._claim()
+        except BaseException:
+            log.exception("netpoll: unexpected error in a standby thread")
+        poller = None
+
+
+cdef void _wake_monitor() noexcept nogil:
+    pthread_mutex_lock(&g_sb.lock)
+    g_sb.mon_sleeping = 0
+    pthread_cond_signal(&g_sb.mon_cond)
+    pthread_mutex_unlock(&g_sb.lock)
+
+
+cdef void _monitor_loop() noexcept nogil:
+    """Hand pollers whose leader has been inside one auto handler for longer
+    than the threshold to a standby. It wakes when the oldest running
+    handler reaches the threshold, and at least every `threshold` (1-20 ms):
+    a handler that blocks is handed off within two thresholds, and short
+    handlers cost ~500 wake-ups a second. Sleeps when no handler was seen
+    running for 1 s (busy_begin wakes it)."""
+    cdef int i, r, signals
+    cdef bint busy, spawn
+    cdef long long now, b, calm, next_ns, idle_ns = 0
+    cdef long long sleep_ns = 1000000
+    cdef np_poller_t *p
+    while True:
+        usleep(<unsigned int>(sleep_ns // 1000))
+        now = np_monotonic_ns()
+        busy = spawn = False
+        signals = 0
+        calm = g_sb.threshold_ns
+        if calm < 1000000:
+            calm = 1000000
+        elif calm > 20000000:
+            calm = 20000000
+        next_ns = calm
+        pthread_mutex_lock(&g_sb.lock)
+        for i in range(g_sb.npollers):
+            p = g_sb.pollers[i]
+            if p.claim_pending:
+                continue
+            b = np__load64(&p.busy_since)
+            if b <= 0:
+                continue
+            busy = True
+            if now - b >= g_sb.threshold_ns:
+                if p.thread_set and not np_atomic_load_int(&p.stop):
+                    r = _sb_assign(p)
+                    if r == 0:
+                        spawn = True
+                    elif r == 2:
+                        signals += 1
+            elif b + g_sb.threshold_ns - now < next_ns:
+                next_ns = b + g_sb.threshold_ns - now
+        if (g_sb.short or g_sb.idle + g_sb.spawning - g_sb.nneed < MIN_SPARE) \
+                and g_sb.total + g_sb.spawning < g_sb.cap:
+            spawn = True
+        pthread_mutex_unlock(&g_sb.lock)
+        for i in range(signals):
+            pthread_cond_signal(&g_sb.cond)
+        if spawn:
+            with gil:
+                try:
+                    _sb_top_up()
+                except BaseException:
+                    pass
+        sleep_ns = next_ns if next_ns > 100000 else 100000
+        if busy:
+            idle_ns = 0
+            continue
+        idle_ns += sleep_ns
+        if idle_ns >= 1000000000:
+            idle_ns = 0
+            pthread_mutex_lock(&g_sb.lock)
+            g_sb.mon_sleeping = 1
+            # Timed (10 ms): busy_begin's unlocked look at mon_sleeping may
+            # miss it; this bounds how late a hand-off can then come.
+            np_cond_wait_until(&g_sb.mon_cond, &g_sb.lock, np_monotonic_ns() + 10000000)
+            g_sb.mon_sleeping = 0
+            pthread_mutex_unlock(&g_sb.lock)
+
+
+def _monitor_main():
+    with nogil:
+        _monitor_loop()
+
+
+cdef bint np_poller_abdicate(np_poller_t *p) noexcept:
+    global np__lead
+    cdef int r
+    if not p.handoff or not np_on_poller_thread(p):
+        return False
+    pthread_mutex_lock(&g_sb.lock)
+    r = _sb_assign(p)
+    pthread_mutex_unlock(&g_sb.lock)
+    if r == 2:
+        pthread_cond_signal(&g_sb.cond)
+    if r == 0:
+        _log_missed()
+        return False
+    np__store64(&p.busy_since, 0)
+    p.thread_set = 0
+    np__lead = NULL
+    p.handoffs += 1
+    return True
+
+
+cdef void _log_missed() noexcept:
+    if g_sb.missed and not g_sb.logged:
+        g_sb.logged = 1
+        try:
+            log.warning("netpoll: runner='auto': no standby thread left (max_threads=%d); "
+                        "a blocked handler stalls its poller", g_sb.cap)
+        except BaseException:
+            pass
+
+
+cdef int64_t np_poller_busy_begin(np_poller_t *p) noexcept:
+    cdef int64_t now = np_monotonic_ns()
+    np__store64(&p.busy_since, now)
+    if g_sb.mon_sleeping:
+        _wake_monitor()
+    return now
+
+
+cdef void np_poller_busy_end(np_poller_t *p) noexcept:
+    if np_on_poller_thread(p):
+        np__store64(&p.busy_since, 0)
+    if g_sb.missed and not g_sb.logged:
+        _log_missed()
+
+
+cdef long long np_poller_busy_pause(np_poller_t *p) noexcept:
+    cdef long long since
+    if not np_on_poller_thread(p):
+        return -1                    # not ours to pause
+    since = np__load64(&p.busy_since)
+    np__store64(&p.busy_since, 0)
+    return since
+
+
+cdef void np_poller_busy_resume(np_poller_t *p, long long since) noexcept:
+    if since > 0 and np_on_poller_thread(p):
+        np__store64(&p.busy_since, since)
+
+
+def set_handoff(threshold=None, max_threads=None):
+    """runner="auto" settings: the time (seconds) a handler may run on a
+    poller's leader before polling passes to a standby thread, and the cap
+    on threads (leaders and standbys) the hand-offs may use."""
+    if threshold is not None:
+        if not (threshold > 0):
+            raise ValueError("handoff threshold must be > 0")
+        g_sb.threshold_ns = <long long>(threshold * 1e9)
+    if max_threads is not None:
+        if max_threads < MIN_KEEP:
+            raise ValueError(f"max_threads must be >= {MIN_KEEP}")
+        g_sb.cap = max_threads
+
+
+def handoff_stats():
+    """Standby pool figures (diagnostics)."""
+    return {"threads": g_sb.total, "idle": g_sb.idle, "spawning": g_sb.spawning,
+            "cap": g_sb.cap, "threshold": g_sb.threshold_ns / 1e9}
+
 
 cdef class Operator:
     """Base of the Python objects that own an operator (np_op_t)."""
@@ -485,6 +811,8 @@ cdef class Poller:
         self.registry = {}
         self.thread = None
         self._last_log = -1.0
+        self._done = threading.Event()
+        self.p.pyobj = <void *>self
 
     def start(self):
         """Start the poller thread (idempotent)."""
@@ -495,29 +823,105 @@ cdef class Poller:
         self.thread.start()
 
     def _run(self):
-        global np__on_a_poller
+        global np__lead
         cdef np_poller_t *p = self.p
-        cdef int r = 0
+        cdef int done = 0
         p.thread = pthread_self()
         p.thread_set = 1
-        np__on_a_poller = 1
+        np__lead = p
         try:
-            while True:
-                with nogil:
-                    while True:
-                        r = _poll_once(p)
-                        if r < 0 or p.gil_head != NULL or p.last_error:
-                            break
-                if p.last_error:
-                    self._log_error()
-                if p.gil_head != NULL:
-                    self._gil_phase()
-                if r < 0:
-                    break
+            done = self._loop()
         finally:
             # pthread ids are reused: a thread started after this one ends
             # must not pass for the poller (np_on_poller_thread).
-            p.thread_set = 0
+            if np_on_poller_thread(p):
+                p.thread_set = 0
+            if np__lead == <void *>p:
+                np__lead = NULL
+            if not p.handoff:
+                self._done.set()
+        if not done:
+            # Leadership passed to a standby: this thread becomes one.
+            pthread_mutex_lock(&g_sb.lock)
+            g_sb.total += 1
+            pthread_mutex_unlock(&g_sb.lock)
+            _standby_loop()
+
+    cdef int _loop(self) except -1:
+        """Lead the poller until it stops (1) or leadership passes to
+        another thread (0). The GIL is held on entry and exit."""
+        global np__lead
+        cdef np_poller_t *p = self.p
+        cdef int r = 0
+        if p.batch != NULL or p.gil_head != NULL:
+            if not self._gil_phase():       # the rest of a batch taken over
+                return 0
+        while True:
+            with nogil:
+                while True:
+                    # (stop is also checked first: a new leader may find the
+                    # wake-up already consumed by the old one)
+                    r = -1 if np_atomic_load_int(&p.stop) else _poll_once(p)
+                    if r < 0 or p.gil_head != NULL or p.last_error:
+                        break
+            if p.last_error:
+                self._log_error()
+            if p.gil_head != NULL:
+                if not self._gil_phase():
+                    return 0
+            if r < 0:
+                p.thread_set = 0
+                np__lead = NULL
+                self._done.set()
+                return 1
+
+    cdef int _claim(self) except -1:
+        """A standby sent to lead this poller (GIL held: see above)."""
+        global np__lead
+        cdef np_poller_t *p = self.p
+        if p.thread_set and np__load64(&p.busy_since) == 0 and not np_atomic_load_int(&p.stop):
+            # The leader's handler returned before we got here: it leads on.
+            pthread_mutex_lock(&g_sb.lock)
+            p.claim_pending = 0
+            pthread_mutex_unlock(&g_sb.lock)
+            return 0
+        if self._done.is_set():
+            pthread_mutex_lock(&g_sb.lock)
+            p.claim_pending = 0
+            pthread_mutex_unlock(&g_sb.lock)
+            return 0
+        p.thread = pthread_self()
+        p.thread_set = 1
+        np__lead = p
+        p.handoffs += 1
+        np__store64(&p.busy_since, 0)
+        pthread_mutex_lock(&g_sb.lock)
+        p.claim_pending = 0
+        pthread_mutex_unlock(&g_sb.lock)
+        # (New standbys are started by the monitor, off this latency path.)
+        self._loop()
+        return 0
+
+    def _enable_handoff(self):
+        """Let runner="auto" connections hand this poller's loop to standby
+        threads. The poller is then kept alive for good (standbys reach it by
+        a borrowed pointer); the runtime's pollers live as long anyway."""
+        if self.p.handoff:
+            return
+        pthread_mutex_lock(&g_sb.lock)
+        if g_sb.npollers >= MAX_HANDOFF_POLLERS:
+            pthread_mutex_unlock(&g_sb.lock)
+            return
+        g_sb.pollers[g_sb.npollers] = self.p
+        g_sb.npollers += 1
+        self.p.handoff = 1
+        start_mon = not g_sb.mon_started
+        g_sb.mon_started = 1
+        pthread_mutex_unlock(&g_sb.lock)
+        _handoff_pollers.append(self)
+        if start_mon:
+            threading.Thread(target=_monitor_main, name="netpoll-monitor", daemon=True).start()
+        _sb_top_up()
 
     def _log_error(self):
         """Log a failure of the loop (at most one line a second), then pause
@@ -534,39 +938,44 @@ cdef class Poller:
             usleep(10000)
 
     cdef int _gil_phase(self) except -1:
-        """Run everything of this batch that needs Python, GIL held once."""
+        """Run everything of this batch that needs Python, GIL held once.
+        Returns 0 if leadership passed to another thread meanwhile (the rest
+        of the batch, p.batch, is then the new leader's), else 1."""
         cdef np_poller_t *p = self.p
         cdef np_op_t *op
-        cdef np_op_t *nxt
         cdef Operator owner
         cdef int reasons
         p.gil_batches += 1
-        while p.gil_head != NULL:
-            op = p.gil_head
-            p.gil_head = NULL
-            while op != NULL:
-                nxt = op.next_gil
-                reasons = op.gil_reasons
-                op.gil_reasons = 0
-                if op.pyobj != NULL:
-                    owner = <Operator><PyObject *>op.pyobj
-                    # Both may be due in one batch (fds accepted just before
-                    # the listener's teardown): events first, so nothing
-                    # accepted is dropped, then the teardown.
-                    try:
-                        if reasons & GR_EVENT:
-                            owner._on_poller_event()
-                    except BaseException:
-                        log.exception("netpoll: unexpected error in the poller's dispatch")
-                    try:
-                        if reasons & GR_TEARDOWN:
-                            owner._on_teardown()
-                    except BaseException:
-                        log.exception("netpoll: unexpected error in the poller's dispatch")
-                    owner = None
-                np_op_decref(op)
-                op = nxt
-        return 0
+        while True:
+            op = p.batch
+            if op == NULL:
+                if p.gil_head == NULL:
+                    return 1
+                p.batch = p.gil_head
+                p.gil_head = NULL
+                continue
+            p.batch = op.next_gil
+            reasons = op.gil_reasons
+            op.gil_reasons = 0
+            if op.pyobj != NULL:
+                owner = <Operator><PyObject *>op.pyobj
+                # Both may be due in one batch (fds accepted just before
+                # the listener's teardown): events first, so nothing
+                # accepted is dropped, then the teardown.
+                try:
+                    if reasons & GR_EVENT:
+                        owner._on_poller_event()
+                except BaseException:
+                    log.exception("netpoll: unexpected error in the poller's dispatch")
+                try:
+                    if reasons & GR_TEARDOWN:
+                        owner._on_teardown()
+                except BaseException:
+                    log.exception("netpoll: unexpected error in the poller's dispatch")
+                owner = None
+            np_op_decref(op)
+            if p.handoff and not np_on_poller_thread(p):
+                return 0
 
     cdef int _register(self, Operator op) except -1:
         """Hand op's fd to this poller (any thread). op stays referenced until
@@ -581,20 +990,36 @@ cdef class Poller:
         self.registry.pop(id(op), None)
 
     def stop(self, timeout=None):
-        """Stop the loop and join the thread. Registered fds are not closed
-        here: callers close their connections first."""
+        """Stop the loop and wait (up to `timeout`) until it ended, on
+        whichever thread leads it (runner="auto" moves the loop between
+        threads). Registered fds are not closed here: callers close their
+        connections first."""
         np_atomic_store_int(&self.p.stop, 1)
         np_wakeup_signal(self.p.wake_w)
         t = self.thread
-        if t is not None and t is not threading.current_thread():
+        if t is None or np_on_poller_thread(self.p):
+            return
+        if self.p.handoff:
+            # Whichever thread leads now ends the loop.
+            self._done.wait(timeout)
+        elif t is not threading.current_thread():
             t.join(timeout)
+
+    def _leader_ident(self):
+        """threading.get_ident() of the thread leading this poller now, or
+        None (tests)."""
+        if not self.p.thread_set:
+            return None
+        return <unsigned long>self.p.thread
 
     def operators(self):
         """The connections and listeners registered here (diagnostics)."""
         return list(self.registry.values())
 
     def is_alive(self):
-        return self.thread is not None and self.thread.is_alive()
+        if self.thread is None or self._done.is_set():
+            return False
+        return bool(self.p.handoff) or self.thread.is_alive()
 
     def _set_slice_bytes(self, Py_ssize_t n):
         """Benchmark knob: bytes read from one batch before the handlers run
@@ -617,6 +1042,7 @@ cdef class Poller:
             "queued_tasks": self.p.ntasks,
             "wake_pending": self.p.wake_pending,
             "errors": self.p.errors,
+            "handoffs": self.p.handoffs,
         }
 
     def __dealloc__(self):

@@ -47,6 +47,7 @@ LOADGEN_CLI = os.path.join(HERE, "client.py")
 SERVERS = {
     "netpoll-inline": ("netpoll_server.py", ["--runner", "inline"]),
     "netpoll-pool": ("netpoll_server.py", ["--runner", "pool"]),
+    "netpoll-auto": ("netpoll_server.py", ["--runner", "auto"]),
     "asyncio": ("asyncio_server.py", []),
     "uvloop": ("asyncio_server.py", ["--uvloop"]),
     "threaded": ("threaded_server.py", []),

@@ -72,7 +72,7 @@ def on_request_framed(ctx, conn):
 
 def main(argv=None):
     ap = base_parser(__doc__)
-    ap.add_argument("--runner", choices=("inline", "pool"), default="pool")
+    ap.add_argument("--runner", choices=("inline", "pool", "auto"), default="pool")
     ap.add_argument("--loops", type=int, default=None, help="netpoll.set_num_loops(N) (default: library default)")
     args = ap.parse_args(argv)
     raise_nofile()
