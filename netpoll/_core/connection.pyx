@@ -774,6 +774,9 @@ cdef class ConnReader(LinkBuffer):
     cdef int _need(self, size_t n) except -1:
         # One wait, one deadline: next(n), read_binary(n), slice(n)... call
         # this once per call; until() calls _need_by() with its own deadline.
+        # Bytes already buffered (the common case) need no clock read.
+        if np_lb_readable(self.conn.c.inbuf) >= n:
+            return 0
         return self._need_by(n, _deadline(self.conn.c.read_timeout_ns))
 
     cdef int _need_by(self, size_t n, int64_t deadline) except -1:

@@ -1068,13 +1068,8 @@ cdef class _ChunkView:
     cdef bint mutable      # was ever exported writable (a malloc view): never shared by reference
     cdef int exports       # live buffer exports (memoryviews' managed buffers, numpy, ...)
 
-    def __cinit__(self):
-        self.chunk = NULL
-        self.ptr = NULL
-        self.size = 0
-        self.readonly = True
-        self.mutable = False
-        self.exports = 0
+    # No __cinit__: the only constructor is _exporter(), which sets every
+    # field (the allocator and the freelist hand out zeroed objects).
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
         if (flags & PyBUF_WRITABLE) and self.readonly:
