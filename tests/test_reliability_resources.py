@@ -103,7 +103,9 @@ EMFILE_DIAL = textwrap.dedent(r"""
                 resource.setrlimit(resource.RLIMIT_NOFILE, (LOW + 16, HARD))
                 now = {f: os.readlink("/proc/self/fd/" + f) for f in os.listdir("/proc/self/fd")
                        if os.path.exists("/proc/self/fd/" + f)}
-                raise AssertionError(f"a failed dial leaked an fd: new {set(now.items()) - set(snap.items())} made={made} served={served}->{loop.connections}")
+                new = set(now.items()) - set(snap.items())
+                raise AssertionError(f"a failed dial leaked an fd: new {new}, made={made}, "
+                                     f"served={served}->{loop.connections}")
         if len(conns) > 100:
             raise SystemExit("never ran out of fds")
     assert any(getattr(e, "errno", None) == errno.EMFILE or "Too many open files" in str(e)
