@@ -16,11 +16,18 @@ Run:
     pip install hiredis          # or: pip install "netpoll[examples]"
     python examples/resp_server.py --port 6380
     redis-benchmark -p 6380 -t ping,set,get,incr -n 100000 -P 16 -q
+
+TLS, as Redis' own ``tls-port`` (``--tls CERT KEY``: PEM files, the
+certificate chain then its private key):
+    python examples/resp_server.py --port 6380 --tls server.pem server.key
+    redis-benchmark -p 6380 --tls --cacert ca.pem -t ping,set,get -q
+    redis.Redis(port=6380, protocol=2, ssl=True, ssl_ca_certs="ca.pem")
 """
 from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -329,9 +336,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=6380, help="0 lets the OS choose")
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
+                    help="serve TLS with this certificate chain and private key (PEM)")
     args = ap.parse_args()
 
-    listener = netpoll.create_listener("tcp", (args.host, args.port))
+    ssl_ctx: Optional[ssl.SSLContext] = None
+    if args.tls:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(*args.tls)
+    listener = netpoll.create_listener("tcp", (args.host, args.port), ssl=ssl_ctx)
     loop = netpoll.EventLoop(on_request, on_prepare=on_prepare, runner="inline")
 
     def stop(signum: int, frame: Any) -> None:
