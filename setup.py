@@ -33,19 +33,36 @@ if sanitize:
 elif os.environ.get("NETPOLL_DEBUG"):
     compile_args = ["-O0", "-g", "-pthread"]
 
+# TLS (netpoll/_core/tls.pyx, and the benchmark load generator) links the
+# system's libssl/libcrypto: it must be the library Python's ssl module uses
+# (tls.pyx checks at run time). Headers: libssl-dev on Debian/Ubuntu;
+# NETPOLL_OPENSSL_PREFIX points at another installation (include/, lib/).
+OPENSSL_USERS = {"netpoll._core.tls", "netpoll.bench._loadgen"}
+ssl_prefix = os.environ.get("NETPOLL_OPENSSL_PREFIX", "")
+ssl_include = [os.path.join(ssl_prefix, "include")] if ssl_prefix else []
+ssl_libdirs = [os.path.join(ssl_prefix, "lib")] if ssl_prefix else []
+
 extensions = []
 sources = sorted(glob(os.path.join("netpoll", "_core", "*.pyx")))
 sources.append(os.path.join("netpoll", "bench", "_loadgen.pyx"))
 for pyx in sources:
     name = pyx[:-4].replace(os.sep, ".")
+    libraries = [] if sys.platform == "darwin" else ["rt"]
+    include_dirs = [INCLUDES]
+    library_dirs = []
+    if name in OPENSSL_USERS:
+        libraries += ["ssl", "crypto"]
+        include_dirs += ssl_include
+        library_dirs += ssl_libdirs
     extensions.append(
         Extension(
             name,
             [pyx],
-            include_dirs=[INCLUDES],
+            include_dirs=include_dirs,
+            library_dirs=library_dirs,
             extra_compile_args=compile_args,
             extra_link_args=link_args,
-            libraries=[] if sys.platform == "darwin" else ["rt"],
+            libraries=libraries,
         )
     )
 

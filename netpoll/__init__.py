@@ -16,6 +16,7 @@ from netpoll.errors import (
     NetpollError,
     PeerClosedError,
     ReadTimeoutError,
+    TLSError,
     WriteTimeoutError,
 )
 from netpoll.eventloop import EventLoop
@@ -60,6 +61,7 @@ __all__ = [
     "ReadTimeoutError",
     "WriteTimeoutError",
     "DialTimeoutError",
+    "TLSError",
     "Reactor",
     "EvHandler",
     "Acceptor",

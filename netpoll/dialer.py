@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from netpoll import _validate
 from netpoll._core.connection import DEFAULT_OUTPUT_LIMIT, Connection, wrap_socket_fd
+from netpoll._core.tls import check_context, client_handshake
 from netpoll.config import _check_runner, runtime
 from netpoll.errors import DialTimeoutError
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 from netpoll.listener import parse_address
 
 __all__ = ["Dialer", "dial_connection"]
@@ -34,16 +38,37 @@ class Dialer:
 
     def dial_connection(self, network: str, address: Any,
                         timeout: Optional[float] = None,
-                        on_request: Optional[Callable[[Any, Connection], None]] = None
-                        ) -> Connection:
+                        on_request: Optional[Callable[[Any, Connection], None]] = None,
+                        *, ssl: Optional["_ssl.SSLContext"] = None,
+                        server_hostname: Optional[str] = None) -> Connection:
         """Connect to `address` within `timeout` seconds (None or
         ``float("inf")``: the OS limit).
 
         Raises DialTimeoutError when the time runs out, ConnectionRefusedError
         (a ConnectionError) when nobody listens, FileNotFoundError for a
-        missing Unix socket path."""
+        missing Unix socket path.
+
+        ssl: a client ``ssl.SSLContext``: the TLS handshake completes within
+        `timeout` too. `server_hostname` (SNI and the name the certificate
+        must match when ``ssl.check_hostname``) defaults to the host of a
+        TCP address; "" sends none. A certificate that does not verify raises
+        ``ssl.SSLCertVerificationError``, another handshake failure
+        ``netpoll.TLSError``."""
         timeout = _validate.seconds(timeout, "timeout")
         family, addr = parse_address(network, address)
+        hostname = None
+        if ssl is not None:
+            check_context(ssl, False)
+            if server_hostname is not None and not isinstance(server_hostname, str):
+                raise TypeError("server_hostname must be a str")
+            hostname = server_hostname
+            if hostname is None and family != socket.AF_UNIX:
+                hostname = addr[0] or "localhost"
+            hostname = hostname or None
+            if hostname is None and ssl.check_hostname:
+                raise ValueError("ssl.check_hostname needs a server_hostname")
+        elif server_hostname is not None:
+            raise ValueError("server_hostname is only meaningful with ssl")
         deadline = None if timeout is None else time.monotonic() + timeout
         if family == socket.AF_UNIX:
             targets = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, addr)]
@@ -72,6 +97,20 @@ class Dialer:
                 last = e
                 continue
             sock.setblocking(False)
+            session = None
+            if ssl is not None:
+                # The handshake runs here, without the GIL, before the fd
+                # becomes a connection: a failure closes a plain socket.
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    session = client_handshake(ssl, sock.fileno(), hostname, left)
+                except TimeoutError:
+                    sock.close()
+                    raise DialTimeoutError(f"dial {network} {address!r}: TLS handshake "
+                                           f"timed out after {timeout} s") from None
+                except BaseException:
+                    sock.close()
+                    raise
             fd = sock.detach()
             rt = runtime()
             poller = rt.pick()
@@ -79,7 +118,7 @@ class Dialer:
             pool = rt.get_pool() if runner == "pool" else None
             return wrap_socket_fd(fd, poller, pool, runner, None, on_request,
                                   self.read_timeout, self.write_timeout, self.idle_timeout,
-                                  self.output_limit)
+                                  self.output_limit, session)
         if last is None:
             last = DialTimeoutError(f"dial {network} {address!r}: timed out after {timeout} s")
         raise last
@@ -109,6 +148,10 @@ class Dialer:
         return f"<Dialer runner={self.runner!r}>"
 
 
-def dial_connection(network: str, address: Any, timeout: Optional[float] = None) -> Connection:
-    """``Dialer().dial_connection(network, address, timeout)``."""
-    return Dialer().dial_connection(network, address, timeout)
+def dial_connection(network: str, address: Any, timeout: Optional[float] = None, *,
+                    ssl: Optional["_ssl.SSLContext"] = None,
+                    server_hostname: Optional[str] = None) -> Connection:
+    """``Dialer().dial_connection(network, address, timeout, ssl=...,
+    server_hostname=...)``."""
+    return Dialer().dial_connection(network, address, timeout, ssl=ssl,
+                                    server_hostname=server_hostname)

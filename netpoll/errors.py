@@ -6,6 +6,8 @@ exception a user would catch without knowing netpoll (``ConnectionError``,
 """
 from __future__ import annotations
 
+import ssl
+
 __all__ = [
     "NetpollError",
     "ConnectionClosedError",
@@ -15,6 +17,7 @@ __all__ = [
     "DialTimeoutError",
     "BufferUnderflowError",
     "BufferClosedError",
+    "TLSError",
 ]
 
 
@@ -48,3 +51,8 @@ class WriteTimeoutError(NetpollError, TimeoutError):
 
 class DialTimeoutError(NetpollError, TimeoutError):
     """A dial did not complete within its timeout."""
+
+
+class TLSError(NetpollError, ssl.SSLError):
+    """A TLS handshake or record failed (a certificate that does not verify
+    raises ``ssl.SSLCertVerificationError`` instead, as the ssl module does)."""

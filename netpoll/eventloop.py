@@ -90,14 +90,14 @@ class EventLoop:
 
     # -- called by the core, on a poller thread with the GIL --------------
 
-    def _accept(self, fd: int) -> None:
+    def _accept(self, fd: int, ssl: Any = None, ssl_handshake_timeout: Any = None) -> None:
         rt = runtime()
         runner = self.runner if self.runner is not None else rt.runner
         pool = rt.get_pool() if runner == "pool" else None
         accept_connection(fd, rt.pick(), pool, runner, self, self.on_request,
                           self.on_prepare, self.on_connect, self.on_disconnect,
                           self.read_timeout, self.write_timeout, self.idle_timeout,
-                          self.input_limit, self.output_limit)
+                          self.input_limit, self.output_limit, ssl, ssl_handshake_timeout)
 
     def _track(self, conn: Connection) -> bool:
         # Called before the connection is registered, so it cannot close
@@ -129,7 +129,8 @@ class EventLoop:
         if (self.runner or rt.runner) == "pool":
             rt.get_pool()
         fd = os.dup(listener.fileno())
-        acceptor = ListenerOperator(fd, rt.pick(), self)
+        target: Any = self if listener.ssl is None else _TLSAccept(self, listener)
+        acceptor = ListenerOperator(fd, rt.pick(), target)
         with self._lock:
             self._acceptors.append(acceptor)
             self._listeners.append(listener)
@@ -205,3 +206,18 @@ class EventLoop:
         runner = self.runner if self.runner is not None else runtime().runner
         state = " shut down" if self._shutting_down else ""
         return f"<EventLoop runner={runner!r} connections={self.connections}{state}>"
+
+
+class _TLSAccept:
+    """What a TLS listener's ListenerOperator hands accepted fds to: the
+    EventLoop, with that listener's context and handshake timeout."""
+
+    __slots__ = ("loop", "ssl", "timeout")
+
+    def __init__(self, loop: EventLoop, listener: Listener) -> None:
+        self.loop = loop
+        self.ssl = listener.ssl
+        self.timeout = listener.ssl_handshake_timeout
+
+    def _accept(self, fd: int) -> None:
+        self.loop._accept(fd, self.ssl, self.timeout)

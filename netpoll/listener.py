@@ -6,9 +6,13 @@ import re
 import socket
 import stat
 import sys
-from typing import Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 from netpoll import _validate
+from netpoll._core.tls import check_context
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = ["Listener", "create_listener", "parse_address"]
 
@@ -73,16 +77,25 @@ def parse_address(network: str, address: Any) -> Tuple[int, Any]:
     return _FAMILIES[network], (host, port)
 
 
+# What a TLS client gets to finish its handshake (DESIGN.md: at most 10 s).
+DEFAULT_SSL_HANDSHAKE_TIMEOUT = 10.0
+
+
 class Listener:
     """A bound, listening socket. Hand it to ``EventLoop.serve``.
 
     ``addr`` is the bound address: (host, port) for TCP (port 0 at creation
-    lets the OS pick), the path for Unix sockets."""
+    lets the OS pick), the path for Unix sockets. ``ssl`` is the server
+    ``ssl.SSLContext`` its connections handshake with, or None."""
 
-    def __init__(self, sock: socket.socket, network: str, unix_path: Optional[str] = None):
+    def __init__(self, sock: socket.socket, network: str, unix_path: Optional[str] = None,
+                 *, ssl: Optional["_ssl.SSLContext"] = None,
+                 ssl_handshake_timeout: Optional[float] = None):
         self._sock = sock
         self.network = network
         self._unix_path = unix_path
+        self.ssl = ssl
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         addr = sock.getsockname()
         self.addr: Address = unix_path if unix_path is not None else (addr[0], addr[1])
 
@@ -163,7 +176,9 @@ def _unlink_unix_socket(path: str) -> None:
 
 
 def create_listener(network: str, address: Any, *, backlog: int = 1024,
-                    reuse_port: bool = False, mode: int = 0o600) -> Listener:
+                    reuse_port: bool = False, mode: int = 0o600,
+                    ssl: Optional["_ssl.SSLContext"] = None,
+                    ssl_handshake_timeout: Optional[float] = None) -> Listener:
     """Bind and listen on `address`.
 
     network: "tcp" (IPv4 or IPv6 per the host), "tcp4", "tcp6" or "unix".
@@ -172,12 +187,27 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
     socket file gets permissions `mode` (default 0o600: owner only).
     A port in an address string is plain decimal digits; backlog is an int
     in 0..2**31-1, mode in 0..0o777 (else TypeError or ValueError).
+
+    ssl: a server ``ssl.SSLContext``: every accepted connection completes a
+    TLS handshake (within `ssl_handshake_timeout` seconds, default 10) before
+    ``on_connect``; one that fails or times out is closed without calling a
+    handler. Contexts with ``sni_callback`` or ``keylog_filename`` are refused
+    (ValueError).
     """
     family, addr = parse_address(network, address)
     backlog = _validate.size(backlog, "backlog", maximum=_MAX_BACKLOG)
     mode = _validate.size(mode, "mode", maximum=0o777)
+    if ssl is not None:
+        check_context(ssl, True)
+        if ssl_handshake_timeout is None:
+            ssl_handshake_timeout = DEFAULT_SSL_HANDSHAKE_TIMEOUT
+        ssl_handshake_timeout = _validate.seconds(ssl_handshake_timeout,
+                                                  "ssl_handshake_timeout")
+    elif ssl_handshake_timeout is not None:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     if family == socket.AF_UNIX:
-        return Listener(_bind_unix(addr, backlog, mode), network, addr)
+        return Listener(_bind_unix(addr, backlog, mode), network, addr, ssl=ssl,
+                        ssl_handshake_timeout=ssl_handshake_timeout)
     host, port = addr
     infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
                                socket.AI_PASSIVE)
@@ -197,5 +227,5 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
             sock.close()
             last = e
             continue
-        return Listener(sock, network)
+        return Listener(sock, network, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout)
     raise last if last is not None else OSError(f"cannot listen on {address!r}")

@@ -8,6 +8,7 @@ from netpoll._core.linkbuffer cimport LinkBuffer, np_lb_t
 from netpoll._core.poller cimport Operator, Poller, np_op_t
 from netpoll._core.timer cimport np_timer_t
 from netpoll._core.runner cimport WorkerPool, np_taskq_t
+from netpoll._core.tls cimport np_tls_t
 
 # Connection flags (np_op_t.flags below OF_KIND_MAX, under np_op_t.lock).
 cdef enum:
@@ -27,6 +28,9 @@ cdef enum:
     CF_TEARDOWN_WAIT = 1 << 13  # teardown waits for a sender to finish
     CF_SHUT_WR_PENDING = 1 << 14  # shutdown_write() once output is drained
     CF_DRAIN_ARMED = 1 << 15  # drain_timer is scheduled (poller thread only)
+    # (1 << 16 is connection.pyx's CF_DISOWNED)
+    CF_HANDSHAKE = 1 << 17    # TLS handshake in progress: no reads, sends or handlers yet
+    CF_NEED_CONNECT = 1 << 18  # TLS server side: on_connect runs when the handshake ends
 
 # How a connection's process() is run.
 cdef enum:
@@ -60,6 +64,9 @@ cdef struct np_conn_t:
     int64_t last_active_ns
     np_timer_t idle_timer
     np_timer_t drain_timer     # output still to send at close, or after an inline flush
+    np_tls_t *tls              # TLS session, or NULL (set before registration, freed with c)
+    int64_t hs_timeout_ns      # TLS handshake limit (server side), < 0: none
+    np_timer_t hs_timer
     pthread_cond_t cond        # readers waiting for bytes, flushers for drain (cold: last)
 
 
@@ -110,5 +117,6 @@ cdef Connection new_connection(int fd, Poller poller, WorkerPool pool, object ru
 cdef int setup_connection(Connection conn, object on_request, object read_timeout,
                           object write_timeout, object idle_timeout,
                           object input_limit, object output_limit) except -1
+cdef int start_server_tls(Connection conn, object sslctx, object handshake_timeout) except -1
 cdef int register_connection(Connection conn) except -1
 cdef void np_conn_schedule(np_conn_t *c) noexcept nogil   # RUNNING set by the caller

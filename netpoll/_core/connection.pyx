@@ -47,6 +47,11 @@ from netpoll._core.runner cimport (WorkerPool, np_taskq_t, np_taskq_push,
                                    np_taskq_check_stall)
 from netpoll._core.sockio cimport np_recv, np_send_lb
 from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_remove
+from netpoll._core.tls cimport (
+    TLSSession, np_tls_handshake, np_tls_recv, np_tls_send_lb, np_tls_close_notify,
+    np_tls_pending, np_tls_free, np_tls_open, np_tls_info, np_tls_error, np_tls_take,
+    TLS_DONE, TLS_WANT_READ, TLS_WANT_WRITE,
+)
 
 from netpoll._validate import seconds_ns as _seconds_ns, size as _size
 from netpoll.errors import (
@@ -55,6 +60,9 @@ from netpoll.errors import (
 
 log = logging.getLogger("netpoll")
 
+cdef extern from "<errno.h>" nogil:
+    int EPROTO
+
 cdef enum:
     READ_BUDGET = 8             # recv calls per connection per wake (fairness)
     DEFAULT_DRAIN_NS = 5000000000  # output drain limit at close without a write timeout
@@ -62,8 +70,9 @@ cdef enum:
     RX_CHUNK_MIN = 8192         # adaptive input chunk size: bounds
     RX_CHUNK_MAX = 65536        # larger chunks fall outside the pool cache into mmap
     DISCARD_MAX = 262144        # unread input dropped at close so that close() sends a FIN
-    TM_IDLE = 1                 # np_timer_t.kind of the two timers
+    TM_IDLE = 1                 # np_timer_t.kind of the three timers
     TM_DRAIN = 2
+    TM_HANDSHAKE = 3
     CF_DISOWNED = 1 << 16       # the user closed our fd: it was not closed by us
     BLOCKY_NS = 500000          # RUN_AUTO: two runs this long hand polling off before the next
 
@@ -124,6 +133,10 @@ cdef np_conn_t *_conn_new(int fd) noexcept nogil:
     timer_init(&c.drain_timer)
     c.drain_timer.kind = TM_DRAIN
     c.drain_timer.data = c
+    timer_init(&c.hs_timer)
+    c.hs_timer.kind = TM_HANDSHAKE
+    c.hs_timer.data = c
+    c.hs_timeout_ns = -1
     c.inbuf = np_lb_new(0)
     c.outbuf = np_lb_new(0)
     c.last_active_ns = np_monotonic_ns()
@@ -138,6 +151,7 @@ cdef void _conn_free(np_op_t *op) noexcept nogil:
     cdef np_conn_t *c = <np_conn_t *>op
     np_lb_free(c.inbuf)
     np_lb_free(c.outbuf)
+    np_tls_free(c.tls)             # the fd is closed: no thread can be inside it
     pthread_cond_destroy(&c.cond)
     pthread_mutex_destroy(&c.op.lock)
     PyMem_RawFree(c)
@@ -179,9 +193,16 @@ cdef int _send_locked(np_conn_t *c) noexcept nogil:
     cdef int st
     if c.op.flags & (CF_SENDING | OF_FD_CLOSED | CF_ERROR):
         return -EBADF
+    if c.op.flags & CF_HANDSHAKE:
+        return 1                   # the handshake's end sends what waits
     c.op.flags |= CF_SENDING
     pthread_mutex_unlock(&c.op.lock)
-    st = np_send_lb(c.op.fd, c.outbuf, NULL)
+    if c.tls != NULL:
+        st = np_tls_send_lb(c.tls, c.outbuf)
+        if st == 0 and (c.op.flags & CF_SHUT_WR_PENDING):
+            st = np_tls_close_notify(c.tls)   # shutdown_write(): close_notify, then FIN
+    else:
+        st = np_send_lb(c.op.fd, c.outbuf, NULL)
     pthread_mutex_lock(&c.op.lock)
     c.op.flags &= ~CF_SENDING
     if c.idle_timeout_ns > 0:      # the clock read is only needed for idleness
@@ -190,6 +211,8 @@ cdef int _send_locked(np_conn_t *c) noexcept nogil:
         _set_error_locked(c, -st)
     elif st == 1:
         c.op.flags |= CF_WANT_WRITE
+    elif (c.op.flags & CF_SHUT_WR_PENDING) and c.tls != NULL and not c.tls.notify_sent:
+        c.op.flags |= CF_WANT_WRITE    # shutdown_write() came during the send: one more round
     else:
         c.op.flags &= ~CF_WANT_WRITE
         if c.op.flags & CF_SHUT_WR_PENDING:
@@ -315,11 +338,16 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
                 return 0
             if room < cap:
                 cap = room
-        r = np_recv(c.op.fd, p, cap)
+        if c.tls != NULL:
+            r = np_tls_recv(c.tls, p, cap)
+        else:
+            r = np_recv(c.op.fd, p, cap)
         if r > 0:
             np_lb_commit(c.inbuf, <size_t>r)
             got[0] += <size_t>r
-            if <size_t>r < cap:
+            # (A TLS session returns a record at a time: a short read means
+            # nothing only if OpenSSL holds nothing more.)
+            if <size_t>r < cap and (c.tls == NULL or not np_tls_pending(c.tls)):
                 c.rx_last = got[0]
                 # The socket is very likely drained. Shrink the chunk size
                 # slowly when reads stay small (idle memory matters).
@@ -339,6 +367,10 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
         if e == EAGAIN or e == EWOULDBLOCK:
             return 0
         return e
+    if c.tls != NULL and np_tls_pending(c.tls):
+        # Out of budget with records inside OpenSSL: the socket may be
+        # drained, so no event would come for them. Read again soon.
+        np_op_submit(&c.op, T_RESUME)
     return 0
 
 
@@ -377,6 +409,8 @@ cdef void _relieve_limit_locked(np_conn_t *c) noexcept nogil:
     if c.input_limit == 0 or np_lb_readable(c.inbuf) < c.input_limit:
         c.op.flags &= ~CF_LIMITED
         _update_mask_locked(c)
+        if c.tls != NULL and np_tls_pending(c.tls):
+            np_op_submit(&c.op, T_RESUME)    # decrypted input no event will announce
 
 
 cdef int _read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
@@ -416,6 +450,8 @@ cdef int _read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
         pfds[1].fd = p.wake_r
         pfds[1].events = POLLIN
         pfds[1].revents = 0
+        if c.tls != NULL and np_tls_pending(c.tls):
+            ms = 0                 # OpenSSL holds input: read it without waiting
         r = poll(pfds, 2, ms)
         if r < 0 and errno != EINTR:
             pthread_mutex_lock(&c.op.lock)
@@ -426,7 +462,7 @@ cdef int _read_direct(np_conn_t *c, int64_t deadline) noexcept nogil:
             # Another thread wants this poller (a close, a task): the tasks
             # stay queued for the loop, which checks them after this handler.
             np_poller_wake_ack(p)
-        if pfds[0].revents:
+        if pfds[0].revents or (c.tls != NULL and np_tls_pending(c.tls)):
             st = _read_socket(c, &got)
             pthread_mutex_lock(&c.op.lock)
             _after_read_locked(c, st, got, np_monotonic_ns())
@@ -525,11 +561,58 @@ def bind_pool(WorkerPool pool not None):
 cdef size_t _conn_ready(np_poller_t *p, np_op_t *op, uint32_t ev, int64_t now) noexcept nogil:
     cdef np_conn_t *c = <np_conn_t *>op
     cdef size_t got = 0
+    if c.tls != NULL:
+        if np_atomic_load_uint(&c.op.flags) & CF_HANDSHAKE:
+            if not _handshake_step(p, c):
+                return 0
+            ev |= NP_EV_READ | NP_EV_WRITE   # the last flight may carry data; output may wait
+        elif c.tls.read_wants_write and (ev & NP_EV_WRITE):
+            c.tls.read_wants_write = 0
+            ev |= NP_EV_READ
     if ev & NP_EV_WRITE:
         _on_writable(p, c)
     if ev & (NP_EV_READ | NP_EV_HUP | NP_EV_ERR | NP_EV_RDHUP):
         got = _on_readable(p, c, now)
     return got
+
+
+cdef bint _handshake_step(np_poller_t *p, np_conn_t *c) noexcept nogil:
+    """Advance a server-side TLS handshake; True once it is done (the
+    caller then reads and sends as usual). A failure is an error like a
+    reset: process() closes the connection without calling on_connect."""
+    cdef int r = np_tls_handshake(c.tls)
+    cdef bint sched = False
+    pthread_mutex_lock(&c.op.lock)
+    if c.op.flags & (OF_FD_CLOSED | CF_CLOSING | CF_ERROR) or not (c.op.flags & CF_HANDSHAKE):
+        pthread_mutex_unlock(&c.op.lock)
+        return False
+    if r == TLS_DONE:
+        c.op.flags &= ~(CF_HANDSHAKE | CF_WANT_WRITE)
+        if np_lb_readable(c.outbuf):
+            c.op.flags |= CF_WANT_WRITE      # written before the end (on_prepare)
+        if c.op.flags & CF_NEED_CONNECT:
+            c.op.flags &= ~CF_NEED_CONNECT
+            if not (c.op.flags & CF_RUNNING):
+                c.op.flags |= CF_RUNNING      # on_connect, before any on_request
+                sched = True
+        _update_mask_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+        timer_heap_remove(&p.timers, &c.hs_timer)
+        if sched:
+            _schedule(p, c)
+        return True
+    if r == TLS_WANT_WRITE:
+        c.op.flags |= CF_WANT_WRITE
+    elif r == TLS_WANT_READ:
+        c.op.flags &= ~CF_WANT_WRITE
+    else:
+        _set_error_locked(c, EPROTO)
+        sched = _wants_process_locked(c)
+    _update_mask_locked(c)
+    pthread_mutex_unlock(&c.op.lock)
+    if sched:
+        _schedule(p, c)
+    return False
 
 
 cdef size_t _on_readable(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
@@ -626,6 +709,9 @@ cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
     pthread_mutex_unlock(&c.op.lock)
     timer_heap_remove(&p.timers, &c.idle_timer)
     timer_heap_remove(&p.timers, &c.drain_timer)
+    timer_heap_remove(&p.timers, &c.hs_timer)
+    if c.tls != NULL and not (c.op.flags & (CF_ERROR | CF_HANDSHAKE)):
+        np_tls_close_notify(c.tls)   # best effort: the peer learns the end was meant
     if c.op.flags & CF_ERROR:
         closed = np_op_close_fd(&c.op, NULL)
     else:
@@ -671,6 +757,16 @@ cdef void _conn_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) n
         if sched:
             _schedule(p, c)
         return
+    if t.kind == TM_HANDSHAKE:
+        pthread_mutex_lock(&c.op.lock)
+        if (c.op.flags & CF_HANDSHAKE) and not (c.op.flags & (CF_CLOSING | OF_FD_CLOSED)):
+            _set_error_locked(c, ETIMEDOUT)     # process() closes it, quietly
+            _update_mask_locked(c)
+            sched = _wants_process_locked(c)
+        pthread_mutex_unlock(&c.op.lock)
+        if sched:
+            _schedule(p, c)
+        return
     # TM_DRAIN
     pthread_mutex_lock(&c.op.lock)
     c.op.flags &= ~CF_DRAIN_ARMED
@@ -702,6 +798,9 @@ cdef void _conn_task(np_poller_t *p, np_op_t *op, unsigned int tasks, int64_t no
         pthread_mutex_unlock(&c.op.lock)
         if sched:
             _schedule(p, c)
+        if (c.op.flags & CF_HANDSHAKE) and c.hs_timeout_ns >= 0:
+            c.hs_timer.when = now + c.hs_timeout_ns
+            np_poller_timer_push(p, &c.hs_timer)
         tasks |= T_ARM_IDLE
     if tasks & T_ARM_IDLE:
         _arm_idle(p, c, now)
@@ -712,6 +811,10 @@ cdef void _conn_task(np_poller_t *p, np_op_t *op, unsigned int tasks, int64_t no
         pthread_mutex_unlock(&c.op.lock)
         if sched:
             _schedule(p, c)
+    if c.tls != NULL and (tasks & (T_REGISTER | T_RESUME)) and np_tls_pending(c.tls):
+        # Input OpenSSL read ahead (a dialled session's handshake, a read
+        # stopped by its budget or limit) that no socket event will announce.
+        _on_readable(p, c, now)
     if tasks & T_PROCESS:
         np_op_gil(p, &c.op, GR_EVENT)
     if tasks & T_TEARDOWN:
@@ -1110,6 +1213,14 @@ cdef class Connection(Operator):
         cdef unsigned int f
         if c == NULL:
             return 0
+        if c.op.flags & CF_HANDSHAKE:
+            # Only a failure (or a timeout) runs process() before the TLS
+            # handshake ends: close without calling any handler.
+            if not (c.op.flags & CF_CLOSING):
+                log.debug("netpoll: TLS handshake with %s failed: %s", _describe(self),
+                          "timed out" if c.err == ETIMEDOUT else np_tls_error(c.tls))
+                self._close(False)
+            return 0
         while True:
             if c.op.flags & CF_CLOSING:
                 return 0
@@ -1376,17 +1487,32 @@ cdef class Connection(Operator):
             np_op_submit(&c.op, T_RESUME)
 
     def shutdown_write(self):
-        """Send our FIN after the output already flushed; keep reading."""
+        """Send our FIN after the output already flushed; keep reading.
+        Over TLS, close_notify goes first."""
         cdef np_conn_t *c = self._live()
         self.writer._check(LB_WRITE)
         pthread_mutex_lock(&c.op.lock)
         if not (c.op.flags & (CF_SHUT_WR | CF_SHUT_WR_PENDING | OF_FD_CLOSED)):
-            if np_lb_readable(c.outbuf) == 0 and not (c.op.flags & (CF_SENDING | CF_WANT_WRITE)):
+            if c.tls != NULL:
+                # close_notify is a record: whoever sends next sends it.
+                c.op.flags |= CF_SHUT_WR_PENDING
+                if not (c.op.flags & (CF_SENDING | CF_WANT_WRITE | CF_ERROR | CF_HANDSHAKE)):
+                    _send_locked(c)
+            elif np_lb_readable(c.outbuf) == 0 and not (c.op.flags & (CF_SENDING | CF_WANT_WRITE)):
                 c.op.flags |= CF_SHUT_WR
                 shutdown(c.op.fd, SHUT_WR)
             else:
                 c.op.flags |= CF_SHUT_WR_PENDING
         pthread_mutex_unlock(&c.op.lock)
+
+    @property
+    def tls(self):
+        """None on a plain connection; else what its TLS session negotiated
+        (version(), cipher(), selected_alpn_protocol(), getpeercert(),
+        server_hostname: the names of ssl.SSLObject)."""
+        if self.c == NULL or self.c.tls == NULL:
+            return None
+        return np_tls_info(self, self.c.tls)
 
     # ---------------------------------------------------------- socket-like
 
@@ -1554,6 +1680,17 @@ cdef int setup_connection(Connection conn, object on_request, object read_timeou
     return 0
 
 
+cdef int start_server_tls(Connection conn, object sslctx, object handshake_timeout) except -1:
+    """Make an accepted, not yet registered connection handshake as a TLS
+    server before anything else: the poller drives the handshake; on_connect
+    (if any) is scheduled when it ends (CF_NEED_CONNECT, set by the caller)."""
+    cdef np_conn_t *c = conn.c
+    c.tls = np_tls_open(sslctx, c.op.fd, True, None)
+    c.hs_timeout_ns = _seconds_ns(handshake_timeout, "ssl_handshake_timeout")
+    c.op.flags |= CF_HANDSHAKE
+    return 0
+
+
 cdef int register_connection(Connection conn) except -1:
     conn._poller._register(conn)
     return 0
@@ -1561,10 +1698,15 @@ cdef int register_connection(Connection conn) except -1:
 
 def wrap_socket_fd(int fd, Poller poller, WorkerPool pool=None, runner="pool", owner=None,
                    on_request=None, read_timeout=None, write_timeout=None, idle_timeout=None,
-                   output_limit=DEFAULT_OUTPUT_LIMIT):
+                   output_limit=DEFAULT_OUTPUT_LIMIT, TLSSession tls=None):
     """Wrap a connected, non-blocking socket fd (ownership passes to the
-    connection) and register it with `poller`. Used by the Dialer."""
+    connection) and register it with `poller`. Used by the Dialer; `tls` is
+    the session of a client handshake already done on fd (taken over)."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, owner)
+    if tls is not None:
+        if tls.t == NULL or tls.t.fd != fd:
+            raise ValueError("the TLS session is not this fd's")
+        conn.c.tls = np_tls_take(tls)
     setup_connection(conn, on_request, read_timeout, write_timeout, idle_timeout, 0,
                      output_limit)
     conn._connected = True

@@ -14,4 +14,5 @@ def accept_connection(fd: int, poller: Poller, pool: Any, runner: Any, server: A
                       on_request: Any, on_prepare: Any, on_connect: Any, on_disconnect: Any,
                       read_timeout: Optional[float], write_timeout: Optional[float],
                       idle_timeout: Optional[float], input_limit: Optional[int],
-                      output_limit: Optional[int]) -> Optional[Connection]: ...
+                      output_limit: Optional[int], sslctx: Any = ...,
+                      handshake_timeout: Optional[float] = ...) -> Optional[Connection]: ...

@@ -22,8 +22,8 @@ from netpoll._core.poller cimport (
 )
 from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_remove
 from netpoll._core.connection cimport (Connection, new_connection, register_connection,
-                                       setup_connection, np_conn_schedule, CF_RUNNING,
-                                       CF_CLOSING)
+                                       setup_connection, start_server_tls, np_conn_schedule,
+                                       CF_RUNNING, CF_CLOSING, CF_NEED_CONNECT)
 
 log = logging.getLogger("netpoll")
 
@@ -197,9 +197,11 @@ cdef class ListenerOperator(Operator):
 def accept_connection(int fd, Poller poller not None, pool, runner, server,
                       on_request, on_prepare, on_connect, on_disconnect,
                       read_timeout, write_timeout, idle_timeout, input_limit,
-                      output_limit):
+                      output_limit, sslctx=None, handshake_timeout=None):
     """Set up one accepted fd: Connection, on_prepare, registration, and the
-    first process() when on_connect must run before any on_request."""
+    first process() when on_connect must run before any on_request. With
+    `sslctx` the poller first runs a TLS server handshake (bounded by
+    `handshake_timeout` seconds), and on_connect waits for its end."""
     cdef Connection conn = new_connection(fd, poller, pool, runner, server)
     cdef np_op_t *op = conn.op
     if not server._track(conn):
@@ -207,6 +209,12 @@ def accept_connection(int fd, Poller poller not None, pool, runner, server,
         return None
     setup_connection(conn, on_request, read_timeout, write_timeout, idle_timeout,
                      input_limit, output_limit)
+    if sslctx is not None:
+        try:
+            start_server_tls(conn, sslctx, handshake_timeout)
+        except BaseException:
+            conn.close()
+            raise
     conn._on_connect = on_connect
     conn._on_disconnect = on_disconnect
     if on_prepare is not None:
@@ -220,9 +228,11 @@ def accept_connection(int fd, Poller poller not None, pool, runner, server,
             return None          # on_prepare closed it: nothing else runs
     if on_connect is None:
         conn._connected = True
+    elif sslctx is not None:
+        op.flags |= CF_NEED_CONNECT   # scheduled by the handshake's end
     else:
         op.flags |= CF_RUNNING   # on_connect runs before the first on_request
     register_connection(conn)
-    if on_connect is not None:
+    if on_connect is not None and sslctx is None:
         np_conn_schedule(conn.c)
     return conn

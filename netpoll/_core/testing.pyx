@@ -16,21 +16,12 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.errno cimport EINVAL, errno
 from libc.stdint cimport INT64_MIN, int64_t, uint64_t, uintptr_t
 
-from netpoll._core.includes.system cimport np_monotonic_ns
+from netpoll._core.includes.system cimport np_monotonic_ns, np_set_errno
 from netpoll._core.timer cimport (
     TIMER_HEAP_ARITY, np_timer_heap_t, np_timer_t, timer_before, timer_heap_free,
     timer_heap_init, timer_heap_peek, timer_heap_pop_expired, timer_heap_push,
     timer_heap_remove, timer_heap_timeout_ms, timer_init,
 )
-
-cdef extern from *:
-    # Cython would bind `errno = x` inside a function to a new local variable,
-    # so the store goes through C.
-    """
-    #include <errno.h>
-    static inline void np_testing_set_errno(int e) { errno = e; }
-    """
-    void _set_errno "np_testing_set_errno"(int e) noexcept nogil
 
 
 # ---------------------------------------------------------- Python wrapper
@@ -284,7 +275,7 @@ def _selftest_c_api():
 
         # A timer scheduled in heap a is refused by heap b, and b is unchanged.
         timer_heap_push(&b, &lone)
-        _set_errno(0)
+        np_set_errno(0)
         r_push = timer_heap_push(&b, &t[5])
         r_errno = errno
         _check(r_push == -1 and r_errno == EINVAL, "push of another heap's timer -> -1/EINVAL")

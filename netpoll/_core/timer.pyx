@@ -11,18 +11,11 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from libc.errno cimport EINVAL, ENOMEM
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
+from netpoll._core.includes.system cimport np_set_errno
 
 cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
 
-cdef extern from *:
-    # Cython would bind `errno = x` inside a function to a new local variable,
-    # so the store goes through C.
-    """
-    #include <errno.h>
-    static inline void np_timer_set_errno(int e) { errno = e; }
-    """
-    void _set_errno "np_timer_set_errno"(int e) noexcept nogil
 
 # A 4-ary heap (TIMER_HEAP_ARITY, timer.pxd) is shallower than a binary one
 # (fewer cache misses per sift-up, which is what push does) at the cost of 3
@@ -102,14 +95,14 @@ cdef int _grow(np_timer_heap_t *h) noexcept nogil:
     if h.cap == 0:
         new_cap = _INITIAL_CAP
     elif h.cap > PY_SSIZE_T_MAX // (2 * <Py_ssize_t>sizeof(np_timer_t *)):
-        _set_errno(ENOMEM)
+        np_set_errno(ENOMEM)
         return -1
     else:
         new_cap = h.cap * 2
     items = <np_timer_t **>PyMem_RawRealloc(h.items, <size_t>new_cap * sizeof(np_timer_t *))
     if items == NULL:
         # The old array is still valid and still owned by h.
-        _set_errno(ENOMEM)
+        np_set_errno(ENOMEM)
         return -1
     h.items = items
     h.cap = new_cap
@@ -150,7 +143,7 @@ cdef void timer_heap_free(np_timer_heap_t *h) noexcept nogil:
 cdef int timer_heap_push(np_timer_heap_t *h, np_timer_t *t) noexcept nogil:
     if t.index >= 0:
         if not _owns(h, t):
-            _set_errno(EINVAL)
+            np_set_errno(EINVAL)
             return -1
         # Re-arm in place: a fresh seq puts it behind timers already waiting
         # for the same deadline, exactly as a cancel + push would.

@@ -37,6 +37,10 @@ typedef struct np_event_s {
     uint32_t events;
 } np_event_t;
 
+/* Cython binds `errno = x` inside a function to a new local variable, so
+ * stores to errno go through this. */
+static inline void np_set_errno(int e) { errno = e; }
+
 /* ---------------------------------------------------------------- atomics */
 
 static inline int np_atomic_inc_int(int *p) { return __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }

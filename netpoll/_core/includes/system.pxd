@@ -111,6 +111,7 @@ cdef extern from *:
     int np_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, long long deadline_ns) nogil
 
 cdef extern from "compat.h" nogil:
+    void np_set_errno(int e)
     ctypedef struct np_event_t:
         void *ptr
         uint32_t events
