@@ -353,16 +353,18 @@ class SServer:
         stop_proc(self.p)
 
 
-def survives_server_renegotiation(certs: Any, talk: Any) -> bool:
-    """s_server asks the client to renegotiate mid-connection; talk(port,
-    step) drives the client: "connect" (handshake, then send b"hi\n"),
-    "read" (read the server's b"back\n" if it comes), "ping" (send b"ping\n").
-    True if the connection survived: s_server received the ping after asking.
-    A client that refuses sends no_renegotiation and s_server aborts."""
+def renegotiates_when_asked(certs: Any, talk: Any) -> bool:
+    """s_server (-msg: it prints every handshake message) asks the client to
+    renegotiate mid-connection; talk(port, step) drives the client:
+    "connect" (handshake, then send b"hi\n"), "read" (read the server's
+    b"back\n" if it comes), "ping" (send b"ping\n"). True if the client
+    answered with a second ClientHello. A client that refuses sends a
+    no_renegotiation alert instead, and s_server gives up."""
     srv = SServer(certs)
     try:
         talk(srv.port, "connect")
         assert srv.expect(b"hi\n"), srv.out[-2000:]
+        assert srv.out.count(b"ClientHello") == 1, srv.out[-2000:]
         srv.type(b"r\n")
         assert srv.expect(b"HelloRequest"), srv.out[-2000:]
         try:
@@ -372,10 +374,10 @@ def survives_server_renegotiation(certs: Any, talk: Any) -> bool:
         talk(srv.port, "read")
         talk(srv.port, "ping")
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and b"ping\n" not in srv.out \
-                and b"ERROR" not in srv.out:
-            srv.expect(b"ping\n", 0.2)
-        return b"ping\n" in srv.out and b"no renegotiation" not in srv.out
+        while time.monotonic() < deadline and srv.out.count(b"ClientHello") < 2 \
+                and b"ERROR" not in srv.out and b"ping\n" not in srv.out:
+            srv.expect(b"\x00never", 0.2)
+        return srv.out.count(b"ClientHello") >= 2
     finally:
         srv.stop()
 
@@ -383,8 +385,8 @@ def survives_server_renegotiation(certs: Any, talk: Any) -> bool:
 @needs_openssl
 @pytest.mark.timeout(60)
 def test_dialer_refuses_server_initiated_renegotiation(certs):
-    # Calibration: Python's client (renegotiation allowed) survives it, so
-    # the probe can tell a refusal from a renegotiation.
+    # Calibration: Python's client (renegotiation allowed) does renegotiate,
+    # so the probe can tell a refusal from a renegotiation.
     state: dict = {}
 
     def python_client(port: int, step: str) -> Any:
@@ -403,7 +405,7 @@ def test_dialer_refuses_server_initiated_renegotiation(certs):
             except (ssl.SSLError, OSError):
                 pass
 
-    if not survives_server_renegotiation(certs, python_client):
+    if not renegotiates_when_asked(certs, python_client):
         pytest.skip("this OpenSSL's client refuses renegotiation by default: cannot calibrate")
     state["s"].close()
 
@@ -424,7 +426,7 @@ def test_dialer_refuses_server_initiated_renegotiation(certs):
                 pass
 
     try:
-        assert not survives_server_renegotiation(certs, netpoll_client), \
+        assert not renegotiates_when_asked(certs, netpoll_client), \
             "the Dialer renegotiated when the server asked"
     finally:
         if "c" in state:
@@ -739,7 +741,7 @@ def test_mutual_tls_refuses_a_client_without_cert(make_tls_server, certs, versio
                 refused = True
             conn.close()
     assert refused, "a client without a certificate was served"
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     assert "connect" not in ev.names() and "disconnect" not in ev.names()
     assert handled.snapshot() == []
 
@@ -761,7 +763,7 @@ def test_dialer_verification_failure_raises_cert_verification_error(
                 srv.dial_tls(certs.client_context(trust="other"))
             else:
                 srv.dial_tls(certs.client_context(), server_hostname="wrong.example.org")
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     assert "connect" not in ev.names()
     assert wait_until(lambda: fd_count() <= before, 5.0), "a failed dial leaked descriptors"
 
@@ -861,7 +863,7 @@ def test_garbage_instead_of_tls_closes_the_connection(make_tls_server, certs, ga
     s.sendall(garbage)
     # Closed because of the garbage, well before the (30 s) handshake timeout.
     assert sees_eof(s, 5.0), "the server kept a connection that sent garbage"
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     assert "connect" not in ev.names()
     # The poller is not spinning, and still serves TLS.
     assert cpu_seconds_over(0.3) < 0.25
@@ -894,7 +896,7 @@ def test_random_garbage_never_crashes_the_server(make_tls_server, certs):
 
     check()
     assert "connect" not in ev.names()
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     with srv.connect_tls(certs.client_context()) as t:
         t.sendall(b"ok")
         assert recv_exact_tls(t, 2) == b"ok"
@@ -910,7 +912,7 @@ def test_no_client_hello_closed_after_the_handshake_timeout(make_tls_server, cer
     assert sees_eof(s, 4.0), "a silent client was not closed by the handshake timeout"
     elapsed = time.monotonic() - t0
     assert 0.95 <= elapsed < 4.0, elapsed
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     assert "connect" not in ev.names()
 
 
@@ -947,7 +949,7 @@ def test_failed_handshakes_leak_nothing(make_tls_server, certs):
     with srv.connect_tls(certs.client_context()) as s:      # warm up pollers/pools
         s.sendall(b"w")
         recv_exact_tls(s, 1)
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     before = fd_count()
     for i in range(40):
         with socket.create_connection(srv.sockaddr, timeout=5) as s:
@@ -956,7 +958,7 @@ def test_failed_handshakes_leak_nothing(make_tls_server, certs):
     for _ in range(5):
         with pytest.raises(ssl.SSLCertVerificationError):
             srv.dial_tls(certs.client_context(trust="other"))
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     assert wait_until(lambda: fd_count() <= before, 5.0), (fd_count(), before)
 
 
@@ -1426,7 +1428,7 @@ def test_close_callbacks_and_on_disconnect_over_tls(make_tls_server, certs, runn
             s.close()
         assert ev.wait_for(lambda items: items.count("close-cb") == (1 if how ==
                                                                       "close_notify" else 2))
-    assert wait_until(lambda: srv.loop.connections() == 0, 5.0)
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
     names = ev.names()
     assert names.count("connect") == 2 and names.count("disconnect") == 2, names
     assert names.count("close-cb") == 2, names

@@ -308,14 +308,3 @@ def test_resp_example_under_redis_benchmark_tls(start_example, certs, pipeline):
     assert "ERROR" not in out.stdout + out.stderr, out.stdout + out.stderr
     assert set(results) == set(REDIS_TESTS), out.stdout + out.stderr
     assert all(float(v) > 0 for v in results.values()), results
-
-
-@pytest.mark.timeout(60)
-def test_resp_example_redis_benchmark_tls_with_the_wrong_ca_fails(start_example, certs):
-    needs("hiredis")
-    bench = redis_benchmark_tls()
-    ex = start_example("resp_server.py", *tls_args(certs))
-    out = subprocess.run([bench, "-h", "127.0.0.1", "-p", str(ex.port), "--tls", "--cacert",
-                          certs.other_ca_pem, "-t", "ping", "-n", "10", "-c", "1", "-q"],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode != 0 or "requests per second" not in out.stdout, out.stdout
