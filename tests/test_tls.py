@@ -17,6 +17,7 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -1031,11 +1032,13 @@ def test_dialer_shutdown_write_sends_close_notify_and_keeps_reading(
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("close", ["ragged", "close_notify"])
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("close", ["fin", "close_notify"])
 @pytest.mark.parametrize("runner", ["pool", "auto"])
-def test_server_delivers_data_then_peer_closed(make_tls_server, certs, runner, close):
-    """A peer that closes (with or without close_notify) right after sending:
-    every byte is delivered, then the blocking read raises PeerClosedError."""
+def test_server_delivers_data_then_peer_closed(make_tls_server, certs, runner, close, version):
+    """A peer that ends the stream right after sending, with close_notify or
+    with a bare TCP FIN (no close_notify): every byte is delivered, then the
+    blocking read raises PeerClosedError."""
     out = Events()
     DATA = os.urandom(50_000)
 
@@ -1046,19 +1049,48 @@ def test_server_delivers_data_then_peer_closed(make_tls_server, certs, runner, c
             r.next(1)
             out.add("more")
         except netpoll.PeerClosedError:
-            out.add("peer-closed")
+            out.add("peer-closed", len(r))
         except Exception as e:
             out.add("error", repr(e))
 
     srv = make_tls_server(handler, runner=runner)
-    s = srv.connect_tls(certs.client_context())
+    s = srv.connect_tls(certs.client_context(maximum_version=version))
     s.sendall(DATA)
     if close == "close_notify":
         close_notify_and_close(s)
     else:
-        s.close()          # Python's SSLSocket.close() sends no close_notify
+        # A FIN without close_notify. (Not close(): with TLS 1.3 session
+        # tickets unread in our receive buffer, close() sends a RST.)
+        socket.socket.shutdown(s, socket.SHUT_WR)
     assert out.wait_for(lambda items: len(items) == 2), out.snapshot()
-    assert out.snapshot() == [("data", True), "peer-closed"]
+    assert out.snapshot() == [("data", True), ("peer-closed", 0)]
+    s.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("runner", ["pool", "auto"])
+def test_server_peer_reset_ends_the_read_with_peer_closed(make_tls_server, certs, runner):
+    """A RST (which may discard data, as on plain TCP): the waiting read
+    raises PeerClosedError, nothing else."""
+    out = Events()
+
+    def handler(ctx: Any, conn: Any) -> None:
+        try:
+            conn.reader.next(1 << 20)
+            out.add("read")
+        except netpoll.PeerClosedError:
+            out.add("peer-closed")
+        except Exception as e:
+            out.add("error", repr(e))
+
+    srv = make_tls_server(handler, runner=runner, read_timeout=10.0)
+    s = srv.connect_tls(certs.client_context())
+    s.sendall(os.urandom(30_000))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()                                   # RST
+    assert out.wait_for(lambda items: len(items) >= 1, 10.0), out.snapshot()
+    assert set(out.snapshot()) == {"peer-closed"}, out.snapshot()
+    assert wait_until(lambda: srv.loop.connections == 0, 5.0)
 
 
 @pytest.mark.timeout(30)
