@@ -82,32 +82,29 @@ cdef enum:
 # SSL_ERROR_SYSCALL handling below finds it (errno itself may be clobbered by
 # the time SSL_get_error returns).
 
-cdef int _bio_read(BIO *b, char *buf, int n) noexcept nogil:
-    cdef np_tls_t *t = <np_tls_t *>BIO_get_data(b)
-    cdef ssize_t r
-    BIO_clear_retry_flags(b)
-    r = np_recv(t.fd, buf, <size_t>n)
+cdef inline int _bio_result(BIO *b, ssize_t r, bint writing) noexcept nogil:
+    cdef np_tls_t *t
     if r >= 0:
         return <int>r
     if errno == EAGAIN or errno == EWOULDBLOCK:
-        BIO_set_retry_read(b)
+        if writing:
+            BIO_set_retry_write(b)
+        else:
+            BIO_set_retry_read(b)
     else:
+        t = <np_tls_t *>BIO_get_data(b)
         t.sys_errno = errno
     return -1
+
+
+cdef int _bio_read(BIO *b, char *buf, int n) noexcept nogil:
+    BIO_clear_retry_flags(b)
+    return _bio_result(b, np_recv((<np_tls_t *>BIO_get_data(b)).fd, buf, <size_t>n), False)
 
 
 cdef int _bio_write(BIO *b, const char *buf, int n) noexcept nogil:
-    cdef np_tls_t *t = <np_tls_t *>BIO_get_data(b)
-    cdef ssize_t r
     BIO_clear_retry_flags(b)
-    r = np_send(t.fd, buf, <size_t>n)
-    if r >= 0:
-        return <int>r
-    if errno == EAGAIN or errno == EWOULDBLOCK:
-        BIO_set_retry_write(b)
-    else:
-        t.sys_errno = errno
-    return -1
+    return _bio_result(b, np_send((<np_tls_t *>BIO_get_data(b)).fd, buf, <size_t>n), True)
 
 
 cdef long _bio_ctrl(BIO *b, int cmd, long num, void *ptr) noexcept nogil:
