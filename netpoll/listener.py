@@ -97,7 +97,12 @@ class Listener:
         self.ssl = ssl
         self.ssl_handshake_timeout = ssl_handshake_timeout
         addr = sock.getsockname()
-        self.addr: Address = unix_path if unix_path is not None else (addr[0], addr[1])
+        if unix_path is not None:
+            self.addr: Address = unix_path
+        elif isinstance(addr, (str, bytes)):        # a Unix socket handed in as is
+            self.addr = os.fsdecode(addr)
+        else:
+            self.addr = (addr[0], addr[1])
 
     def fileno(self) -> int:
         return self._sock.fileno()

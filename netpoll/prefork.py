@@ -72,7 +72,10 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from netpoll import _validate
 from netpoll.eventloop import EventLoop
-from netpoll.listener import Listener, create_listener, parse_address
+from netpoll._core.tls import check_context
+from netpoll.listener import (
+    DEFAULT_SSL_HANDSHAKE_TIMEOUT, Listener, create_listener, parse_address,
+)
 
 __all__ = ["serve", "supervise", "Worker"]
 
@@ -493,6 +496,7 @@ def serve(on_request: Callable[[Any, Any], None], address: Any,
           on_ready: Optional[Callable[[Any], Any]] = None,
           shutdown_timeout: Optional[float] = 5.0,
           reuse_port: Optional[bool] = None, backlog: int = 1024,
+          ssl: Any = None, ssl_handshake_timeout: Optional[float] = None,
           **eventloop_options: Any) -> None:
     """Serve `address` from `processes` worker processes; blocks until shutdown.
 
@@ -504,7 +508,8 @@ def serve(on_request: Callable[[Any, Any], None], address: Any,
     process may run on (``os.sched_getaffinity``); processes=1 still runs one
     supervised worker process (restarted if it dies), never the server in
     the calling process. network: "tcp", "tcp4", "tcp6" or "unix", as for
-    :func:`create_listener`; backlog likewise.
+    :func:`create_listener`; backlog, ssl and ssl_handshake_timeout likewise
+    (TLS: every worker serves with the same context).
 
     Workers are forked (``os.fork()``) from this process, which must be the
     main thread and must not have started netpoll's pollers yet
@@ -530,6 +535,14 @@ def serve(on_request: Callable[[Any, Any], None], address: Any,
     family, addr = parse_address(network, address)
     if on_ready is not None and not callable(on_ready):
         raise TypeError("on_ready must be callable")
+    tls: Dict[str, Any] = {}
+    if ssl is not None:
+        check_context(ssl, True)
+        tls = {"ssl": ssl, "ssl_handshake_timeout": _validate.seconds(
+            DEFAULT_SSL_HANDSHAKE_TIMEOUT if ssl_handshake_timeout is None
+            else ssl_handshake_timeout, "ssl_handshake_timeout")}
+    elif ssl_handshake_timeout is not None:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     shared: Optional[Listener] = None
     hold: Optional[socket.socket] = None
     bound: Tuple[Any, ...] = ()
@@ -547,13 +560,13 @@ def serve(on_request: Callable[[Any, Any], None], address: Any,
             except BaseException:
                 sock.close()
                 raise
-            return _LoopWorker(loop, Listener(sock, network))
+            return _LoopWorker(loop, Listener(sock, network, **tls))
         assert shared is not None
         # The inherited copy of `shared` stays open (closing it through
         # Listener.close() would remove the supervisor's Unix socket file).
         dup = socket.socket(fileno=os.dup(shared.fileno()))
         path = shared.addr if isinstance(shared.addr, str) else None
-        return _LoopWorker(loop, _SharedListener(dup, network, path))
+        return _LoopWorker(loop, _SharedListener(dup, network, path, **tls))
 
     def ready() -> None:
         if on_ready is not None:

@@ -1175,3 +1175,25 @@ def test_pause_read_and_resume_read(make_server, runner):
     assert fl.error is None and fl.sent == FLOOD
     assert consumer.done.wait(30), consumer.count
     assert consumer.count == FLOOD and consumer.crc == fl.crc
+
+
+def test_listener_over_a_unix_socket_made_elsewhere_reports_its_path(tmp_path) -> None:
+    # Listener(sock, "unix") without unix_path: addr is the socket's path
+    # (it used to be the path's first two characters, as for a (host, port)).
+    path = str(tmp_path / "made-elsewhere.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen()
+    sock.setblocking(False)
+    listener = netpoll.Listener(sock, "unix")
+    try:
+        assert listener.addr == path
+        loop = netpoll.EventLoop(lambda ctx, conn: conn.write(bytes(conn.reader.next(1))))
+        threading.Thread(target=loop.serve, args=(listener,), daemon=True).start()
+        conn = netpoll.dial_connection("unix", listener.addr, timeout=2.0)
+        conn.write(b"x")
+        assert conn.reader.next(1) == b"x"
+        conn.close()
+        loop.shutdown(timeout=5.0)
+    finally:
+        listener.close()

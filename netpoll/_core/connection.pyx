@@ -394,6 +394,8 @@ cdef void _after_read_locked(np_conn_t *c, int st, size_t got, int64_t now) noex
         c.op.flags |= CF_PEER_EOF
     elif st != 0:
         _set_error_locked(c, st)
+    elif c.tls != NULL and c.tls.read_wants_write:
+        c.op.flags |= CF_WANT_WRITE      # _conn_ready reads again once writable
     if c.input_limit and np_lb_readable(c.inbuf) >= c.input_limit:
         c.op.flags |= CF_LIMITED
     _update_mask_locked(c)
@@ -798,9 +800,16 @@ cdef void _conn_task(np_poller_t *p, np_op_t *op, unsigned int tasks, int64_t no
         pthread_mutex_unlock(&c.op.lock)
         if sched:
             _schedule(p, c)
-        if (c.op.flags & CF_HANDSHAKE) and c.hs_timeout_ns >= 0:
+        if ((c.op.flags & (CF_HANDSHAKE | CF_CLOSING | OF_FD_CLOSED)) == CF_HANDSHAKE
+                and c.hs_timeout_ns >= 0):
             c.hs_timer.when = now + c.hs_timeout_ns
-            np_poller_timer_push(p, &c.hs_timer)
+            if np_poller_timer_push(p, &c.hs_timer) < 0:
+                pthread_mutex_lock(&c.op.lock)
+                _set_error_locked(c, ENOMEM)   # cannot bound the handshake: refuse it
+                sched = _wants_process_locked(c)
+                pthread_mutex_unlock(&c.op.lock)
+                if sched:
+                    _schedule(p, c)
         tasks |= T_ARM_IDLE
     if tasks & T_ARM_IDLE:
         _arm_idle(p, c, now)

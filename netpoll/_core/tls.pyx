@@ -82,32 +82,29 @@ cdef enum:
 # SSL_ERROR_SYSCALL handling below finds it (errno itself may be clobbered by
 # the time SSL_get_error returns).
 
-cdef int _bio_read(BIO *b, char *buf, int n) noexcept nogil:
-    cdef np_tls_t *t = <np_tls_t *>BIO_get_data(b)
-    cdef ssize_t r
-    BIO_clear_retry_flags(b)
-    r = np_recv(t.fd, buf, <size_t>n)
+cdef inline int _bio_result(BIO *b, ssize_t r, bint writing) noexcept nogil:
+    cdef np_tls_t *t
     if r >= 0:
         return <int>r
     if errno == EAGAIN or errno == EWOULDBLOCK:
-        BIO_set_retry_read(b)
+        if writing:
+            BIO_set_retry_write(b)
+        else:
+            BIO_set_retry_read(b)
     else:
+        t = <np_tls_t *>BIO_get_data(b)
         t.sys_errno = errno
     return -1
+
+
+cdef int _bio_read(BIO *b, char *buf, int n) noexcept nogil:
+    BIO_clear_retry_flags(b)
+    return _bio_result(b, np_recv((<np_tls_t *>BIO_get_data(b)).fd, buf, <size_t>n), False)
 
 
 cdef int _bio_write(BIO *b, const char *buf, int n) noexcept nogil:
-    cdef np_tls_t *t = <np_tls_t *>BIO_get_data(b)
-    cdef ssize_t r
     BIO_clear_retry_flags(b)
-    r = np_send(t.fd, buf, <size_t>n)
-    if r >= 0:
-        return <int>r
-    if errno == EAGAIN or errno == EWOULDBLOCK:
-        BIO_set_retry_write(b)
-    else:
-        t.sys_errno = errno
-    return -1
+    return _bio_result(b, np_send((<np_tls_t *>BIO_get_data(b)).fd, buf, <size_t>n), True)
 
 
 cdef long _bio_ctrl(BIO *b, int cmd, long num, void *ptr) noexcept nogil:
@@ -123,23 +120,20 @@ cdef int _bio_create(BIO *b) noexcept nogil:
     return 1
 
 
-cdef BIO_METHOD *_bio_method = NULL
+cdef BIO_METHOD *_new_bio_method() except NULL:
+    cdef BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK,
+                                      b"netpoll socket")
+    if m == NULL:
+        raise MemoryError()
+    BIO_meth_set_write(m, _bio_write)
+    BIO_meth_set_read(m, _bio_read)
+    BIO_meth_set_ctrl(m, _bio_ctrl)
+    BIO_meth_set_create(m, _bio_create)
+    return m
 
 
-cdef BIO_METHOD *_get_bio_method() except NULL:
-    # Made once, with the GIL held (so once); never freed (process lifetime).
-    global _bio_method
-    cdef BIO_METHOD *m
-    if _bio_method == NULL:
-        m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, b"netpoll socket")
-        if m == NULL:
-            raise MemoryError()
-        BIO_meth_set_write(m, _bio_write)
-        BIO_meth_set_read(m, _bio_read)
-        BIO_meth_set_ctrl(m, _bio_ctrl)
-        BIO_meth_set_create(m, _bio_create)
-        _bio_method = m
-    return _bio_method
+# Made at import (one thread, also without the GIL); never freed.
+cdef BIO_METHOD *_bio_method = _new_bio_method()
 
 # ------------------------------------------------------- the session (C)
 
@@ -461,7 +455,6 @@ cdef np_tls_t *np_tls_open(object sslctx, int fd, bint server, object server_hos
             server_hostname.strip("[]").encode("ascii")
     elif not server and sslctx.check_hostname:
         raise ValueError("check_hostname requires server_hostname")
-    bio_method = _get_bio_method()
     t = <np_tls_t *>PyMem_RawMalloc(sizeof(np_tls_t))
     if t == NULL:
         raise MemoryError()
@@ -469,7 +462,7 @@ cdef np_tls_t *np_tls_open(object sslctx, int fd, bint server, object server_hos
     pthread_mutex_init(&t.lock, NULL)
     t.fd = fd
     t.ssl = SSL_new(ctx)
-    bio = BIO_new(bio_method) if t.ssl != NULL else NULL
+    bio = BIO_new(_bio_method) if t.ssl != NULL else NULL
     if bio == NULL:
         np_tls_free(t)
         ERR_clear_error()
