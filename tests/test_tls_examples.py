@@ -18,8 +18,14 @@ import tempfile
 
 import pytest
 
+import test_examples
 from test_examples import needs, start_example  # noqa: F401  (start_example: a fixture)
 from tlsutil import certs, recv_exact_tls, tls_sees_eof  # noqa: F401  (certs: a fixture)
+
+# The examples build their contexts with ssl.create_default_context(), which
+# honours $SSLKEYLOGFILE, and netpoll refuses contexts with a key log: keep a
+# developer's setting out of the example servers started here.
+test_examples.ENV.pop("SSLKEYLOGFILE", None)
 
 OPENSSL = shutil.which("openssl")
 CURL = shutil.which("curl")

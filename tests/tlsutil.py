@@ -36,6 +36,13 @@ def has_tls_api() -> bool:
         return False
 
 
+def _no_keylog(ctx: ssl.SSLContext) -> None:
+    # create_default_context() honours $SSLKEYLOGFILE, and netpoll refuses
+    # contexts with a key log (Python's callback would get our SSL objects):
+    # a developer's environment must not turn every test into a ValueError.
+    ctx.keylog_filename = None  # type: ignore[assignment]
+
+
 class Certs:
     """A CA, a server certificate for 127.0.0.1/localhost/::1, a client
     certificate, a second CA that signed neither, and all of them as PEM
@@ -76,6 +83,7 @@ class Certs:
                        maximum_version: Optional[ssl.TLSVersion] = None,
                        minimum_version: Optional[ssl.TLSVersion] = None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        _no_keylog(ctx)
         self.server.configure_cert(ctx)
         if require_client_cert:
             ctx.verify_mode = ssl.CERT_REQUIRED
@@ -94,6 +102,7 @@ class Certs:
                        minimum_version: Optional[ssl.TLSVersion] = None) -> ssl.SSLContext:
         """trust: "ca" (ours), "other" (a CA that signed nothing we serve)."""
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        _no_keylog(ctx)
         (self.ca if trust == "ca" else self.other_ca).configure_trust(ctx)
         if with_cert:
             self.client.configure_cert(ctx)
