@@ -706,6 +706,29 @@ def test_connector_handshake_timeout(running, certs, py_server):
     assert c.calls == ["fail"]
 
 
+def test_connector_handshake_timeout_after_an_immediate_connect(running, certs, tmp_path):
+    # A Unix socket connects at once (no connect timer runs): the handshake
+    # gets its own timer, from the same `timeout`.
+    path = str(tmp_path / "silent.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lsock.bind(path)
+        lsock.listen(8)                      # never accepts: nobody answers
+        r = running()
+        c = Client()
+        t0 = time.monotonic()
+        netpoll.Connector(r.reactor).connect("unix:" + path, c, 0.3, ssl=certs.client_ctx(),
+                                             server_hostname="localhost")
+        assert c.done.wait(10)
+        took = time.monotonic() - t0
+        assert isinstance(c.error, netpoll.DialTimeoutError)
+        assert "TLS handshake" in str(c.error)
+        assert 0.25 <= took < 5
+        assert c.calls == ["fail"]
+    finally:
+        lsock.close()
+
+
 def test_connector_destroy_during_handshake(running, certs, py_server):
     srv = py_server("silent")
     r = running()
