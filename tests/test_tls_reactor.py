@@ -175,6 +175,32 @@ def test_acceptor_many_clients_on_two_pollers(running, certs):
     assert {h.poller_index for h in f.made} == {0, 1}
 
 
+class Mover(TLSEcho):
+    """Moves itself to the other poller in on_open."""
+
+    def on_open(self) -> bool:
+        self.info = tls_info(self.tls)
+        self.calls.append("open")
+        self.moved_from = self.poller_index
+        self.get_reactor().add_ev_handler(self, self.fd(), netpoll.EV_IN,
+                                          poller=1 - self.poller_index)
+        return True
+
+
+def test_handler_moved_in_on_open_keeps_its_session(running, certs):
+    r, acc, f = serve(running, certs, cls=Mover, poll_num=2)
+    for i in range(4):
+        with tls_client(certs, acc.addr) as c:
+            msg = os.urandom(50000 + i)
+            c.sendall(msg)
+            assert recv_n(c, len(msg)) == msg
+    assert wait_until(lambda: len(f.made) == 4 and all(h.closed_ev.is_set() for h in f.made))
+    for h in f.made:
+        assert h.calls[0] == "open" and h.calls[-1] == "close"
+        assert len(h.threads) == 1           # on_read and on_close on the new poller
+        assert h.poller_index == 1 - h.moved_from
+
+
 def test_plain_handlers_have_no_tls(running, certs):
     r = running()
     f = Factory()
