@@ -194,10 +194,10 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
     in 0..2**31-1, mode in 0..0o777 (else TypeError or ValueError).
 
     ssl: a server ``ssl.SSLContext``: every accepted connection completes a
-    TLS handshake (within `ssl_handshake_timeout` seconds, default 10) before
-    ``on_connect``; one that fails or times out is closed without calling a
-    handler. Contexts with ``sni_callback`` or ``keylog_filename`` are refused
-    (ValueError).
+    TLS handshake before ``on_connect``, within `ssl_handshake_timeout`
+    seconds (> 0; default 10; ``float("inf")``: no limit); one that fails
+    or times out is closed without calling a handler. Contexts with
+    ``sni_callback`` or ``keylog_filename`` are refused (ValueError).
     """
     family, addr = parse_address(network, address)
     backlog = _validate.size(backlog, "backlog", maximum=_MAX_BACKLOG)
@@ -207,7 +207,7 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
         if ssl_handshake_timeout is None:
             ssl_handshake_timeout = DEFAULT_SSL_HANDSHAKE_TIMEOUT
         ssl_handshake_timeout = _validate.seconds(ssl_handshake_timeout,
-                                                  "ssl_handshake_timeout")
+                                                  "ssl_handshake_timeout", zero_ok=False)
     elif ssl_handshake_timeout is not None:
         raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     if family == socket.AF_UNIX:

@@ -540,7 +540,7 @@ def serve(on_request: Callable[[Any, Any], None], address: Any,
         check_context(ssl, True)
         tls = {"ssl": ssl, "ssl_handshake_timeout": _validate.seconds(
             DEFAULT_SSL_HANDSHAKE_TIMEOUT if ssl_handshake_timeout is None
-            else ssl_handshake_timeout, "ssl_handshake_timeout")}
+            else ssl_handshake_timeout, "ssl_handshake_timeout", zero_ok=False)}
     elif ssl_handshake_timeout is not None:
         raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     shared: Optional[Listener] = None

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
 
 from netpoll import _validate
 from netpoll._core.reactor import (  # noqa: F401  (re-exported)
@@ -25,7 +25,16 @@ from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     conn_error,
 )
 from netpoll._core.server import ListenerOperator
-from netpoll.listener import _bind_unix, _unlink_unix_socket, parse_address
+from netpoll._core.tls import check_context
+from netpoll.listener import (
+    DEFAULT_SSL_HANDSHAKE_TIMEOUT,
+    _bind_unix,
+    _unlink_unix_socket,
+    parse_address,
+)
+
+if TYPE_CHECKING:
+    import ssl as _ssl
 
 __all__ = [
     "Reactor",
@@ -94,14 +103,33 @@ class Acceptor:
     socket file is created as by ``create_listener`` (a stale socket file
     is replaced, never a symlink or another file; permissions 0o600).
     backlog and rcvbuf (0: the system's) are ints in 0..2**31-1.
+
+    ssl: a server ``ssl.SSLContext``: every accepted connection completes a
+    TLS handshake (driven by its poller, without the GIL) before the
+    handler's ``on_open``; ``read()`` then gives plaintext, ``write()`` and
+    ``async_write()`` take plaintext, and ``handler.tls`` describes the
+    session. A peer that fails the handshake, or does not finish it within
+    `ssl_handshake_timeout` seconds (> 0; default 10; ``float("inf")``: no limit), is
+    closed: its handler gets no callback at all (logged at debug level).
     """
 
     def __init__(self, reactor: Reactor, address: Any, factory: Callable[[], EvHandler],
                  reuse_port: bool = False, reuse_addr: bool = True, backlog: int = 512,
-                 rcvbuf: int = 0):
+                 rcvbuf: int = 0, *, ssl: Optional["_ssl.SSLContext"] = None,
+                 ssl_handshake_timeout: Optional[float] = None):
         _check_reactor(reactor)
         if not callable(factory):
             raise TypeError("factory must be callable (called with no arguments)")
+        if ssl is not None:
+            check_context(ssl, True)
+            if ssl_handshake_timeout is None:
+                ssl_handshake_timeout = DEFAULT_SSL_HANDSHAKE_TIMEOUT
+            ssl_handshake_timeout = _validate.seconds(ssl_handshake_timeout,
+                                                      "ssl_handshake_timeout", zero_ok=False)
+        elif ssl_handshake_timeout is not None:
+            raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+        self.ssl = ssl
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         for name, v in (("reuse_port", reuse_port), ("reuse_addr", reuse_addr)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool")
@@ -188,7 +216,7 @@ class Acceptor:
             os.close(fd)
             return
         try:
-            self._reactor._attach(handler, fd, index)
+            self._reactor._attach(handler, fd, index, self.ssl, self.ssl_handshake_timeout)
         except BaseException:
             log.exception("netpoll: cannot attach an accepted connection")
 
@@ -219,8 +247,9 @@ class Acceptor:
 class Connector:
     """Non-blocking connects whose outcome is always reported to the handler:
     ``on_open()`` on success, else ``on_connect_fail(err)`` exactly once with
-    a ``ConnectionError`` (``ConnectionRefusedError`` for a refusal) or
-    ``netpoll.DialTimeoutError`` — never both, never neither."""
+    a ``ConnectionError`` (``ConnectionRefusedError`` for a refusal),
+    ``netpoll.DialTimeoutError``, or over TLS ``ssl.SSLCertVerificationError``
+    or ``netpoll.TLSError`` — never both, never neither."""
 
     def __init__(self, reactor: Reactor):
         _check_reactor(reactor)
@@ -230,15 +259,39 @@ class Connector:
     def reactor(self) -> Reactor:
         return self._reactor
 
-    def connect(self, address: Any, handler: EvHandler, timeout: Optional[float] = None) -> None:
+    def connect(self, address: Any, handler: EvHandler, timeout: Optional[float] = None,
+                *, ssl: Optional["_ssl.SSLContext"] = None,
+                server_hostname: Optional[str] = None) -> None:
         """Start connecting `handler` to `address` ("host:port", (host, port)
         or "unix:/path"); returns at once. `timeout` in seconds, > 0 (None or
         ``float("inf")``: the kernel's). Name resolution, if the host is not
-        numeric, blocks."""
+        numeric, blocks.
+
+        ssl: a client ``ssl.SSLContext``: a TLS handshake follows the
+        connect (driven by the poller, without the GIL) and ``on_open`` runs
+        after it, within `timeout` too (None: the handshake gets 10 s).
+        `server_hostname` (SNI and the name the certificate must match when
+        ``ssl.check_hostname``) defaults to the host of a TCP address; ""
+        sends none. A certificate that does not verify fails the connect
+        with ``ssl.SSLCertVerificationError``, another handshake failure
+        with ``netpoll.TLSError``."""
         if not isinstance(handler, EvHandler):
             raise TypeError(f"handler must be an EvHandler, not {type(handler).__name__}")
         timeout = _validate.seconds(timeout, "timeout", zero_ok=False)
         family, addr = _split(address)
+        hostname = None
+        if ssl is not None:
+            check_context(ssl, False)
+            if server_hostname is not None and not isinstance(server_hostname, str):
+                raise TypeError("server_hostname must be a str")
+            hostname = server_hostname
+            if hostname is None and family != socket.AF_UNIX:
+                hostname = addr[0] or "localhost"
+            hostname = hostname or None
+            if hostname is None and ssl.check_hostname:
+                raise ValueError("ssl.check_hostname needs a server_hostname")
+        elif server_hostname is not None:
+            raise ValueError("server_hostname is only meaningful with ssl")
         if family == socket.AF_UNIX:
             fam, sockaddr = socket.AF_UNIX, addr
         else:
@@ -257,7 +310,7 @@ class Connector:
             s.close()
             raise
         fd = s.detach()
-        self._reactor._connect(handler, fd, err, timeout, address)
+        self._reactor._connect(handler, fd, err, timeout, address, ssl, hostname)
 
     def __repr__(self) -> str:
         return f"<Connector of {self._reactor!r}>"

@@ -6,6 +6,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from netpoll._core.poller cimport Operator, Poller, np_op_t
 from netpoll._core.timer cimport np_timer_t
 from netpoll._core.linkbuffer cimport np_chunk_t, np_lb_t
+from netpoll._core.tls cimport np_tls_t
 
 
 # A handler timer. `t` comes first: the heap holds &t and the expiry hook
@@ -46,11 +47,22 @@ cdef struct rp_ctl_t:
     int wake_pending           # atomic: a T_CALL is queued
 
 
+# np_handler_t.hs: where a TLS handshake is (poller thread only).
+cdef enum:
+    HS_NONE = 0                # none running (plain, not started, or done)
+    HS_RUN = 1                 # running: the ready callback steps it without the GIL
+    HS_DONE = 2                # finished: the GIL phase calls on_open
+    HS_FAILED = 3              # failed: the GIL phase closes (on_connect_fail for a Connector)
+
+
 # An EvHandler's operator (HANDLER_KIND).
 cdef struct np_handler_t:
     np_op_t op                 # the header first
     np_lb_t *outbuf            # output the socket did not take yet
     uint32_t hready            # events seen since the last GIL phase (poller thread only)
+    np_tls_t *tls              # TLS session, or NULL (set before the fd is watched; freed with h)
+    int hs                     # HS_* (poller thread only)
+    uint32_t hs_want           # NP_EV_READ or NP_EV_WRITE while HS_RUN (op.lock)
 
 
 cdef class _ReactorPoller(Operator):
@@ -77,7 +89,13 @@ cdef class EvHandler(Operator):
     cdef object _reactor
     cdef uint32_t umask        # EV_* the user asked for
     cdef bint registered       # add_ev_handler succeeded
-    cdef bint connecting       # a Connector's connect is in progress
+    # A Connector's connect (and TLS handshake), or an Acceptor's TLS
+    # handshake, is in progress: no on_open yet.
+    cdef bint connecting
+    cdef bint accepting        # that handshake is an Acceptor's (a failure closes quietly)
+    cdef bint tls_more         # read() stopped with TLS input left (or unreported end)
+    cdef bint tls_posted       # a "tls_read" request is queued
+    cdef int64_t hs_timeout_ns # TLS handshake limit when no connect timer runs (0: none)
     cdef bint closed
     cdef bint eof_seen         # read() saw EOF or an error: stop asking for EV_IN
     cdef bint flush_posted     # a "flush" request is queued on the poller
@@ -111,6 +129,12 @@ cdef class EvHandler(Operator):
     cdef int _callback(self, object cb, str name, bint blocking_ok) except -1
     cdef int _connect_failed(self, object exc) except -1
     cdef int _finish_connect(self, uint32_t ev) except -1
+    cdef int _start_handshake(self) except -1
+    cdef int _finish_handshake(self) except -1
+    cdef int _tls_read_again(self) except -1
+    cdef int _post_tls_read(self) except -1
+    cdef object _read_tls(self, np_chunk_t *ck, size_t cap)
+    cdef object _write_tls(self, const char *p, size_t n)
     cdef uint64_t _add_timer(self, int64_t when, int64_t interval_ns, int internal,
                              uint64_t tid) except 0
     cdef int _timer_fired(self, np_utimer_t *u, int64_t now) except -1

@@ -31,6 +31,18 @@
 # and is only ever taken without the GIL (a thread holding it never waits
 # for the GIL), and never across a blocking call (add_ev_handler sets
 # O_NONBLOCK; accepted and connecting sockets are non-blocking already).
+#
+# TLS (Acceptor(ssl=), Connector.connect(ssl=)): np_handler_t.tls is an
+# OpenSSL session over the handler's fd (tls.pxd). `connecting` stays set
+# until the handshake ends, so everything that waits for a connect (writes
+# queue, no on_open, destroy()/stop() abort it, the connect timer) waits for
+# the handshake too. The ready callback steps the handshake without the GIL;
+# its end (or failure) reaches the GIL phase through `_finish_connect`. Then
+# read() decrypts into the shared read buffer, write() and the flushes encrypt
+# from the output LinkBuffer (write() copies there first: a retried SSL_write
+# must see the same bytes, and the caller's buffer is gone by then). OpenSSL
+# may hold input the socket no longer announces: read() posts a "tls_read"
+# request that re-delivers on_read when it stopped with input left.
 
 import collections
 import errno as _errno
@@ -57,6 +69,11 @@ from netpoll._core.poller cimport (
     np_on_poller_thread, OF_FD_CLOSED, T_CALL, GR_EVENT,
 )
 from netpoll._core.sockio cimport np_recv, np_send, np_send_lb
+from netpoll._core.tls cimport (
+    np_tls_t, np_tls_handshake, np_tls_recv, np_tls_send_lb, np_tls_close_notify,
+    np_tls_pending, np_tls_free, np_tls_open, np_tls_info, np_tls_error,
+    TLS_DONE, TLS_WANT_READ, TLS_FAILED,
+)
 from netpoll._core.timer cimport (np_timer_t, np_timer_heap_t, timer_init, timer_heap_push,
                                   timer_heap_remove)
 from netpoll._core.linkbuffer cimport (
@@ -94,6 +111,10 @@ cdef enum:
     OUT_CHUNK = 16384
     MAX_READ_BUFFER = 64 << 20
     FD_MAX = 0x7fffffff
+
+# A TLS handshake's limit where no connect timer bounds it (asyncio's
+# ssl_handshake_timeout; DESIGN.md: at most 10 s by default).
+cdef int64_t DEFAULT_HS_NS = 10 * 1000000000
 
 cdef uint64_t ALL_WCBS = 0xffffffffffffffffULL   # _wcb_take: every callback
 
@@ -219,6 +240,11 @@ cdef uint32_t _want(np_handler_t *c, uint32_t umask, bint connecting, bint eof_s
     cdef uint32_t want = 0
     if closed:
         return 0
+    if c.tls != NULL:
+        if c.hs == HS_RUN:
+            return c.hs_want           # the handshake's, level-triggered
+        if c.tls.read_wants_write:
+            want = NP_EV_WRITE         # SSL_read waits to send (a TLS 1.3 key update)
     if (umask & NP_EV_READ) and not eof_seen:
         want |= NP_EV_READ
     if (umask & NP_EV_WRITE) or connecting or np_lb_readable(c.outbuf) > 0:
@@ -286,14 +312,58 @@ cdef size_t _handler_ready(np_poller_t *p, np_op_t *op, uint32_t ev, int64_t now
     happen there, in on_read, as in goev)."""
     cdef np_handler_t *h = <np_handler_t *>op
     if not (np_atomic_load_uint(&op.flags) & OF_FD_CLOSED):
+        if h.tls != NULL and h.hs == HS_RUN and not _hs_step(h):
+            return 0               # handshake flights need no GIL
         h.hready |= ev
         np_op_gil(p, op, GR_EVENT)
     return 0
 
 
+cdef bint _hs_step(np_handler_t *h) noexcept nogil:
+    """Advance h's TLS handshake (poller thread): True when it ended (h.hs
+    HS_DONE or HS_FAILED; the GIL phase takes over), else the poll set waits
+    for what OpenSSL needs."""
+    cdef int r = np_tls_handshake(h.tls)
+    cdef bint ended = True
+    pthread_mutex_lock(&h.op.lock)
+    if (h.op.flags & OF_FD_CLOSED) or h.hs != HS_RUN:
+        ended = False
+    elif r == TLS_DONE:
+        h.hs = HS_DONE
+    elif r == TLS_FAILED:
+        h.hs = HS_FAILED
+    else:
+        h.hs_want = NP_EV_READ if r == TLS_WANT_READ else NP_EV_WRITE
+        if _apply_locked(h, h.hs_want) != 0:
+            h.hs = HS_FAILED       # cannot wait for the socket: give up now
+        else:
+            ended = False
+    pthread_mutex_unlock(&h.op.lock)
+    return ended
+
+
+cdef inline int _tls_send_locked(np_handler_t *c, uint64_t *sent) noexcept nogil:
+    """np_send_lb over TLS (op.lock held): the same result; *sent bytes of
+    plaintext (the output only grows while the lock is held elsewhere)."""
+    cdef size_t before = np_lb_readable(c.outbuf)
+    cdef int st = np_tls_send_lb(c.tls, c.outbuf)
+    sent[0] = before - np_lb_readable(c.outbuf)
+    return st
+
+
+cdef void _tls_detach(np_tls_t *t) noexcept nogil:
+    """No more socket I/O through t (its fd is about to be closed, and its
+    number may be reused): the session stays for handler.tls."""
+    pthread_mutex_lock(&t.lock)
+    t.failed = 1
+    t.fd = -1
+    pthread_mutex_unlock(&t.lock)
+
+
 cdef void _handler_free(np_op_t *op) noexcept nogil:
     cdef np_handler_t *h = <np_handler_t *>op
     np_lb_free(h.outbuf)
+    np_tls_free(h.tls)             # the fd is closed: nothing is inside the session
     pthread_mutex_destroy(&h.op.lock)
     PyMem_RawFree(h)
 
@@ -387,6 +457,8 @@ cdef class _ReactorPoller(Operator):
                     h.rp._post(item)
                 elif kind == "flush":
                     h.flush_posted = False     # the next flush must be posted again
+                elif kind == "tls_read":
+                    h.tls_posted = False
                 elif kind == "timer":
                     h._cancelled.discard(item[2])
                 return 0
@@ -406,6 +478,10 @@ cdef class _ReactorPoller(Operator):
             h._close(item[2])
         elif kind == "open":
             _open(h)
+        elif kind == "handshake":
+            h._start_handshake()
+        elif kind == "tls_read":
+            h._tls_read_again()
         elif kind == "connected":
             if h.connecting and not h.closed:
                 h._finish_connect(NP_EV_WRITE)
@@ -446,7 +522,7 @@ cdef class _ReactorPoller(Operator):
 
 # Requests that name a handler (item[1]): run on the handler's owner only.
 _HANDLER_REQUESTS = frozenset(("flush", "timer", "cancel", "close", "open", "connected",
-                               "connect_fail"))
+                               "connect_fail", "handshake", "tls_read"))
 
 
 cdef void _orphan_timer(np_utimer_t *u) noexcept:
@@ -598,6 +674,13 @@ cdef class EvHandler(Operator):
         """Bytes accepted by write/async_write and not yet sent."""
         return np_lb_readable(self.h.outbuf)
 
+    @property
+    def tls(self):
+        """None on a plain handler; else what its TLS session negotiated
+        (version(), cipher(), selected_alpn_protocol(), getpeercert(),
+        server_hostname: the names of ssl.SSLObject). Complete from on_open."""
+        return np_tls_info(self, self.h.tls)
+
     def read(self):
         """Read what the socket has into the poller's shared read buffer.
 
@@ -609,7 +692,14 @@ cdef class EvHandler(Operator):
         The bytes are not copied. The next read on this poller reuses the
         buffer only if no view of it is alive; a view kept longer keeps its
         own memory, so it always shows the bytes it showed. Only on the
-        handler's poller thread (inside callbacks)."""
+        handler's poller thread (inside callbacks).
+
+        Over TLS the bytes are plaintext. OpenSSL may keep decrypted input
+        that no socket event announces: when read() returns with some left
+        (its buffer was full), on_read is called again after the current
+        callback, level- or edge-triggered alike. A readable socket may
+        carry only protocol records (a session ticket, say): read() then
+        raises BlockingIOError, which on_read may let through."""
         cdef _ReactorPoller rp = self.rp
         cdef np_chunk_t *c
         cdef ssize_t r
@@ -631,6 +721,8 @@ cdef class EvHandler(Operator):
                 raise MemoryError()
             rp.rchunk = c
         cap = rp.rbuf_size
+        if self.h.tls != NULL:
+            return self._read_tls(c, cap)
         with nogil:
             r = np_recv(fd, c.data, cap)
             if r < 0:
@@ -668,6 +760,8 @@ cdef class EvHandler(Operator):
         PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
         n = <size_t>pb.len
         try:
+            if c.tls != NULL:
+                return self._write_tls(<const char *>pb.buf, n)
             with nogil:
                 pthread_mutex_lock(&c.op.lock)
                 if self.fdstate != FD_OWNED:
@@ -961,6 +1055,12 @@ cdef class EvHandler(Operator):
         cdef bint hup = (ev & (NP_EV_HUP | NP_EV_ERR)) != 0
         if self.connecting:
             return self._finish_connect(ev)
+        if self.h.tls != NULL and (ev & NP_EV_WRITE) and self.h.tls.read_wants_write:
+            # SSL_read could not send its reply (read() asked for EPOLLOUT):
+            # the socket has room now, so read again.
+            self.h.tls.read_wants_write = 0
+            self._sync_mask()
+            ev |= NP_EV_READ
         if ev & NP_EV_WRITE:
             if np_lb_readable(self.h.outbuf) > 0:
                 self._flush()
@@ -1007,7 +1107,11 @@ cdef class EvHandler(Operator):
         self._check_high()
         with nogil:
             pthread_mutex_lock(&c.op.lock)
-            if not connecting:
+            if connecting:
+                pass
+            elif c.tls != NULL:
+                st = _tls_send_locked(c, &sent)
+            else:
                 st = np_send_lb(c.op.fd, c.outbuf, &sent)
             _apply_locked(c, _want(c, umask, connecting, eof, False))
             self.sent_total += sent
@@ -1086,7 +1190,11 @@ cdef class EvHandler(Operator):
         self._drop_timers()
         with nogil:
             pthread_mutex_lock(&c.op.lock)
-            if c.op.fd >= 0 and np_lb_readable(c.outbuf) > 0 and try_send:
+            if c.tls != NULL:
+                if c.op.fd >= 0 and try_send and (np_lb_readable(c.outbuf) == 0
+                                                  or _tls_send_locked(c, &sent) == 0):
+                    np_tls_close_notify(c.tls)   # best effort: the end was meant
+            elif c.op.fd >= 0 and np_lb_readable(c.outbuf) > 0 and try_send:
                 np_send_lb(c.op.fd, c.outbuf, &sent)
             _apply_locked(c, 0)
             self.sent_total += sent
@@ -1103,6 +1211,8 @@ cdef class EvHandler(Operator):
         except BaseException:
             log.exception("netpoll: on_close raised")
         with nogil:
+            if c.tls != NULL:
+                _tls_detach(c.tls)
             _fd_close(c, -1)
             pthread_mutex_lock(&c.op.lock)
             np_lb_clear(c.outbuf)
@@ -1128,13 +1238,20 @@ cdef class EvHandler(Operator):
             cbs = _wcb_take(&self.wcb_head, &self.wcb_tail, ALL_WCBS)
             np_lb_clear(c.outbuf)
             pthread_mutex_unlock(&c.op.lock)
+            if c.tls != NULL:
+                _tls_detach(c.tls)
             _fd_close(c, -1)
         # Nothing was sent before the connection existed: every callback fails.
         self._call_wcbs(cbs, exc, 0)
-        try:
-            self.on_connect_fail(exc)
-        except BaseException:
-            log.exception("netpoll: on_connect_fail raised")
+        if self.accepting:
+            # An accepted peer that did not complete the TLS handshake: the
+            # handler never opened, so nothing is called (as create_listener).
+            log.debug("netpoll: TLS handshake of an accepted connection failed: %s", exc)
+        else:
+            try:
+                self.on_connect_fail(exc)
+            except BaseException:
+                log.exception("netpoll: on_connect_fail raised")
         if self.rp is not None:
             self.rp.handlers.pop(id(self), None)
         if self._pool is not None:
@@ -1146,18 +1263,164 @@ cdef class EvHandler(Operator):
         cdef socklen_t n = sizeof(int)
         if self.op.fd < 0:
             return 0
+        if self.h.tls != NULL and self.h.hs != HS_NONE:
+            return self._finish_handshake()
         if getsockopt(self.op.fd, SOL_SOCKET, SO_ERROR, &e, &n) < 0:
             e = errno
         if e == 0 and not (ev & NP_EV_WRITE):
             return 0                         # not yet
         if e:
             return self._connect_failed(conn_error(e, self.connect_addr))
+        if self.h.tls != NULL:
+            return self._start_handshake()  # connected: on_open after the handshake
         self.connecting = False
         if self.connect_tid:
             self._cancel_local(self.connect_tid)
             self.connect_tid = 0
         self._sync_mask()
         return _open(self)
+
+    cdef int _start_handshake(self) except -1:
+        """Begin the TLS handshake of a connected (or accepted) fd, on its
+        poller: the first flight now, the rest from the ready callback. Its
+        limit: the connect timer if one runs, else hs_timeout_ns."""
+        cdef np_handler_t *c = self.h
+        cdef bint ended
+        if self.closed or not self.connecting or c.tls == NULL or c.hs != HS_NONE:
+            return 0
+        if self.connect_tid == 0 and self.hs_timeout_ns > 0:
+            self.connect_tid = _new_tid()
+            self._add_timer(np_monotonic_ns() + self.hs_timeout_ns, 0, 1, self.connect_tid)
+        c.hs = HS_RUN
+        with nogil:
+            ended = _hs_step(c)
+        if ended:
+            return self._finish_handshake()
+        return 0
+
+    cdef int _finish_handshake(self) except -1:
+        """The handshake ended (GIL phase): on_open, or a failed open."""
+        cdef np_handler_t *c = self.h
+        if c.hs == HS_RUN or c.hs == HS_NONE:
+            return 0                         # still running (a stale event)
+        if c.hs == HS_FAILED:
+            c.hs = HS_NONE
+            return self._connect_failed(np_tls_error(c.tls))
+        c.hs = HS_NONE
+        self.connecting = False
+        self.accepting = False
+        if self.connect_tid:
+            self._cancel_local(self.connect_tid)
+            self.connect_tid = 0
+        self._sync_mask()
+        _open(self)
+        if not self.closed:
+            # The last flight may have carried application data, decrypted
+            # or buffered by now: no socket event will announce it (input
+            # still in the socket is reported when on_open registers EV_IN).
+            self._post_tls_read()
+        return 0
+
+    cdef int _post_tls_read(self) except -1:
+        if not self.tls_posted:
+            self.tls_posted = True
+            self.rp._post(("tls_read", self))
+        return 0
+
+    cdef int _tls_read_again(self) except -1:
+        """A "tls_read" request: re-deliver on_read if input waits inside
+        OpenSSL (the socket will not say so)."""
+        self.tls_posted = False
+        if self.closed or self.connecting or self.eof_seen or self.h.tls == NULL \
+                or not (self.umask & NP_EV_READ):
+            return 0
+        if not self.tls_more and not np_tls_pending(self.h.tls):
+            return 0
+        self.tls_more = False
+        return self._dispatch(NP_EV_READ)
+
+    cdef object _read_tls(self, np_chunk_t *ck, size_t cap):
+        """read() over TLS: plaintext into ck, several records while OpenSSL
+        holds more and there is room."""
+        cdef np_tls_t *t = self.h.tls
+        cdef size_t got = 0
+        cdef ssize_t r = 0
+        cdef int e = 0
+        cdef bint more = False
+        if self.connecting:
+            # SSL_read would drive the handshake behind the poller's back.
+            raise BlockingIOError(EAGAIN, "netpoll: the TLS handshake is not done")
+        with nogil:
+            while True:
+                r = np_tls_recv(t, ck.data + got, cap - got)
+                if r <= 0:
+                    if r < 0:
+                        e = errno
+                    break
+                got += <size_t>r
+                if got == cap:
+                    more = np_tls_pending(t)
+                    break
+                if not np_tls_pending(t):
+                    break
+        if r < 0 and t.read_wants_write:
+            self._sync_mask()                # EPOLLOUT until SSL_read's reply fits
+        if got > 0:
+            if r == 0 or (r < 0 and e != EAGAIN and e != EWOULDBLOCK):
+                more = True                  # the end is still to be reported
+            self.tls_more = more
+            if more:
+                self._post_tls_read()
+            np_chunk_incref(ck)
+            return np_export_chunk(ck, ck.data, got, True)
+        self.tls_more = False
+        if r < 0 and (e == EAGAIN or e == EWOULDBLOCK):
+            raise BlockingIOError(e, "netpoll: no data available")
+        if r < 0:
+            self.err = e
+        self.eof_seen = True
+        return memoryview(b"")
+
+    cdef object _write_tls(self, const char *p, size_t n):
+        """write() over TLS, on the poller: the bytes are copied to the
+        output first (a retried SSL_write must be offered the same bytes,
+        and the caller may reuse its buffer once write() returns), then
+        encrypted and sent from there if nothing was queued before."""
+        cdef np_handler_t *c = self.h
+        cdef size_t before = 0
+        cdef uint64_t sent = 0
+        cdef int st = 0, e = 0, r
+        cdef bint connecting = self.connecting
+        cdef uint64_t *qt = &self.queued_total
+        cdef uint64_t *stt = &self.sent_total
+        with nogil:
+            pthread_mutex_lock(&c.op.lock)
+            if self.fdstate != FD_OWNED:
+                st = 1
+            else:
+                before = np_lb_readable(c.outbuf)
+                st = _lb_append(c, p, n)
+                if st == 0:
+                    qt[0] += n
+                    if before == 0 and not connecting:
+                        r = _tls_send_locked(c, &sent)
+                        stt[0] += sent
+                        if r < 0:
+                            e = -r
+                    if e == 0:
+                        _apply_locked(c, _want(c, self.umask, connecting, self.eof_seen, False))
+            pthread_mutex_unlock(&c.op.lock)
+        if st > 0:
+            raise ConnectionClosedError("netpoll: the handler is closed")
+        if st < 0:
+            raise MemoryError()
+        if e:
+            self.err = e
+            self.rp._post(("close", self, OSError(e, os.strerror(e))))
+            return <size_t>sent
+        if sent < n:
+            self._check_high()
+        return n
 
     cdef uint64_t _add_timer(self, int64_t when, int64_t interval_ns, int internal,
                              uint64_t tid) except 0:
@@ -1192,9 +1455,18 @@ cdef class EvHandler(Operator):
             _free_timer(u)
             if self.connecting and tid == self.connect_tid and not self.closed:
                 self.connect_tid = 0
-                self._connect_failed(DialTimeoutError(
-                    f"netpoll: connect to {self.connect_addr!r} timed out after "
-                    f"{self.connect_timeout}s"))
+                if self.accepting:
+                    msg = f"netpoll: TLS handshake timed out after {self.hs_timeout_ns / 1e9}s"
+                elif self.h.hs != HS_NONE and self.connect_timeout is None:
+                    msg = (f"netpoll: TLS handshake with {self.connect_addr!r} timed out "
+                           f"after {self.hs_timeout_ns / 1e9}s")
+                elif self.h.hs != HS_NONE:
+                    msg = (f"netpoll: connect to {self.connect_addr!r} timed out after "
+                           f"{self.connect_timeout}s (in the TLS handshake)")
+                else:
+                    msg = (f"netpoll: connect to {self.connect_addr!r} timed out after "
+                           f"{self.connect_timeout}s")
+                self._connect_failed(DialTimeoutError(msg))
             return 0
         # The check and the start of the call are one step for cancel_timer()
         # from another thread (it adds under the same lock): on a free-threaded
@@ -1385,6 +1657,9 @@ cdef class Reactor:
             handler.registered = True
             e = handler._watch(fd, cfd < 0)
             if e == 0:
+                if handler.h.tls != NULL:
+                    # Input OpenSSL holds already is announced by no event.
+                    handler.rp._post(("tls_read", handler))
                 return None
             handler.registered = False
             handler.umask = old_umask
@@ -1411,6 +1686,8 @@ cdef class Reactor:
             raise ValueError("handler is not added to this reactor")
         handler.umask |= events
         handler._sync_mask()
+        if handler.h.tls != NULL and (events & NP_EV_READ):
+            handler.rp._post(("tls_read", handler))   # see add_ev_handler
 
     def remove_event(self, EvHandler handler not None, events):
         """Stop watching for `events` (the handler stays; see destroy())."""
@@ -1424,32 +1701,59 @@ cdef class Reactor:
 
     # ---- used by netpoll.reactor (Acceptor, Connector) ----
 
-    def _attach(self, EvHandler handler not None, int fd, int index):
+    def _attach(self, EvHandler handler not None, int fd, int index, sslctx=None,
+                hs_timeout=None):
         """An accepted fd, owned by the reactor from this call: the handler
         adopts it on poller `index` and on_open runs there. False (the fd is
-        closed) when the reactor is stopping or the handler is in use."""
+        closed) when the reactor is stopping or the handler is in use. With
+        `sslctx` (a server ssl.SSLContext) a TLS handshake runs first, within
+        `hs_timeout` seconds (None: no limit); a failed one closes the fd and
+        calls nothing."""
         cdef _ReactorPoller rp
         cdef np_handler_t *c = handler.h
-        if not 0 <= index < self.poll_num:
+        cdef int64_t hs_ns = 0
+        try:
+            if not 0 <= index < self.poll_num:
+                raise ValueError(f"poller index {index} out of range")
+            if sslctx is not None:
+                hs_ns = seconds_ns(hs_timeout, "ssl_handshake_timeout")
+        except BaseException:
             _fd_close(NULL, fd)
-            raise ValueError(f"poller index {index} out of range")
+            raise
         rp = self._rps[index]
         if self._stopping or self._shut or rp.stopping or handler.rp is not None \
-                or handler.closed or c.op.fd >= 0:
+                or handler.closed or c.op.fd >= 0 or c.tls != NULL:
             _fd_close(NULL, fd)
             return False
+        if sslctx is not None:
+            try:
+                c.tls = np_tls_open(sslctx, fd, True, None)
+            except BaseException:
+                _fd_close(NULL, fd)
+                raise
+            handler.connecting = True
+            handler.accepting = True
+            handler.hs_timeout_ns = hs_ns if hs_ns > 0 else 0
         handler._bind(rp)
         handler._adopt(fd)
-        if rp._is_current():
+        if c.tls != NULL:
+            if rp._is_current():
+                handler._start_handshake()
+            else:
+                rp._post(("handshake", handler))
+        elif rp._is_current():
             _open(handler)
         else:
             rp._post(("open", handler))
         return True
 
-    def _connect(self, EvHandler handler not None, int fd, int err, timeout, addr):
+    def _connect(self, EvHandler handler not None, int fd, int err, timeout, addr,
+                 sslctx=None, server_hostname=None):
         """A socket whose non-blocking connect returned `err`, owned by the
         reactor from this call: the handler adopts it (on_open or
-        on_connect_fail follows), else it is closed and the error raised."""
+        on_connect_fail follows), else it is closed and the error raised.
+        With `sslctx` (a client ssl.SSLContext) a TLS handshake follows the
+        connect, within `timeout` too (None: 10 s for the handshake)."""
         cdef _ReactorPoller rp
         cdef np_handler_t *c = handler.h
         cdef int64_t tns = 0
@@ -1459,8 +1763,11 @@ cdef class Reactor:
                                  zero_ok=False)
             if self._stopping or self._shut:
                 raise RuntimeError("netpoll: the reactor is stopping")
-            if handler.rp is not None or handler.closed or c.op.fd >= 0:
+            if handler.rp is not None or handler.closed or c.op.fd >= 0 or c.tls != NULL:
                 raise ValueError("handler is already in use")
+            if sslctx is not None:
+                c.tls = np_tls_open(sslctx, fd, False, server_hostname)
+                handler.hs_timeout_ns = tns if tns else DEFAULT_HS_NS
         except BaseException:
             _fd_close(NULL, fd)
             raise
