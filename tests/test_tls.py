@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import netpoll
 from netutil import (  # noqa: F401  (make_server is a fixture)
-    HDR, RUNNERS, cpu_seconds_over, fd_count, frame, frame_echo, make_server, recv_exact,
+    HAS_IPV6, HDR, RUNNERS, cpu_seconds_over, fd_count, frame, frame_echo, make_server, recv_exact,
     sees_eof, stream_echo, wait_until,
 )
 from tlsutil import (  # noqa: F401  (certs, make_tls_server, make_py_server: fixtures)
@@ -234,6 +234,87 @@ def test_many_clients_at_once(make_tls_server, certs):
         t.join(45)
     assert not errors, errors[:3]
     assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("where", ["on_connect", "on_prepare"])
+def test_server_speaks_first(make_tls_server, certs, runner, version, where):
+    """A banner written before the client says anything (SMTP, MySQL style)
+    reaches it after the handshake; the client never sends first."""
+    def banner(conn: Any) -> None:
+        conn.writer.write_binary(b"220 netpoll ready\r\n")
+        conn.writer.flush()
+
+    def on_connect(ctx: Any, conn: Any) -> Any:
+        banner(conn)
+        return ctx
+
+    kw = {"on_connect": on_connect} if where == "on_connect" else {"on_prepare": banner}
+    srv = make_tls_server(stream_echo, runner=runner, **kw)
+    s = srv.connect_tls(certs.client_context(maximum_version=version))
+    assert recv_exact_tls(s, 19) == b"220 netpoll ready\r\n"
+    s.sendall(b"HELO")
+    assert recv_exact_tls(s, 4) == b"HELO"
+
+
+@pytest.mark.timeout(30)
+def test_auto_runner_hands_off_a_handler_blocked_over_tls(make_tls_server, certs):
+    """runner="auto": a handler waiting in a blocking read gives its
+    poller's loop away; other TLS connections are still served meanwhile."""
+    netpoll_waits = threading.Event()
+
+    def handler(ctx: Any, conn: Any) -> None:
+        r = conn.reader
+        if r.peek(1) == b"W":
+            netpoll_waits.set()
+            msg = r.next(10).tobytes()          # blocks until 5 more bytes arrive
+            conn.writer.write_binary(msg.upper())
+            conn.writer.flush()
+        else:
+            stream_echo(ctx, conn)
+
+    srv = make_tls_server(handler, runner="auto")
+    waiter = srv.connect_tls(certs.client_context())
+    waiter.sendall(b"Wwait")
+    assert netpoll_waits.wait(5)
+    others = [srv.connect_tls(certs.client_context()) for _ in range(4)]
+    for i, o in enumerate(others):
+        o.sendall(b"other %d" % i)
+        assert recv_exact_tls(o, 7) == b"other %d" % i
+    waiter.sendall(b"ing!!")
+    assert recv_exact_tls(waiter, 10) == b"WWAITING!!"
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_closes_connections_still_in_their_handshake(make_tls_server, certs):
+    ev = Events()
+    srv = make_tls_server(stream_echo, ssl_handshake_timeout=30, **recording_loop_kw(ev))
+    silent = [srv.connect() for _ in range(5)]
+    done = srv.connect_tls(certs.client_context())
+    done.sendall(b"x")
+    assert recv_exact_tls(done, 1) == b"x"
+    t0 = time.monotonic()
+    srv.loop.shutdown(timeout=5.0)
+    assert time.monotonic() - t0 < 5.0, "shutdown waited for handshakes that never come"
+    for s in silent:
+        assert sees_eof(s, 5.0)
+    assert tls_sees_eof(done, 5.0)
+    assert ev.names().count("connect") == 1
+    assert srv.serve_returned(5.0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
+def test_tls_over_ipv6_verifies_the_ip_address(make_tls_server, certs):
+    srv = make_tls_server(stream_echo, network="tcp6")
+    conn = srv.dial_tls(certs.client_context())          # server_hostname "::1"
+    assert conn.tls.server_hostname == "::1"
+    conn.write(b"v6")
+    assert conn.reader.next(2).tobytes() == b"v6"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        srv.dial_tls(certs.client_context(), server_hostname="::2")
 
 
 # ======================================================================
@@ -466,6 +547,26 @@ def test_dialer_against_python_ssl_server(make_py_server, certs, runner, version
         conn.writer.write_binary(b"via the writer")
         conn.writer.flush()
         assert conn.reader.next(14).tobytes() == b"via the writer"
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_dialer_on_request_and_no_timeout(make_py_server, certs):
+    """Dialer.dial_connection(..., on_request=fn, ssl=...) with timeout=None:
+    replies are handed to on_request."""
+    srv = make_py_server(certs.server_context(), py_echo)
+    got = Events()
+
+    def on_reply(ctx: Any, conn: Any) -> None:
+        r = conn.reader
+        got.add(r.next(len(r)).tobytes())
+
+    conn = netpoll.Dialer(runner="pool").dial_connection(
+        "tcp", srv.address, None, on_reply, ssl=certs.client_context())
+    try:
+        conn.write(b"async over tls")
+        assert got.wait_for(lambda items: b"".join(items) == b"async over tls")
     finally:
         conn.close()
 

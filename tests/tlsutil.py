@@ -135,6 +135,8 @@ class TLSServer(Server):
         if network == "unix":
             self._dir = tempfile.mkdtemp(prefix="npt-", dir="/tmp")
             address: Any = os.path.join(self._dir, "s.sock")
+        elif network == "tcp6":
+            address = "[::1]:0"
         else:
             address = "127.0.0.1:0"
         kw: Dict[str, Any] = {}
