@@ -34,7 +34,7 @@ from netutil import (  # noqa: F401  (make_server is a fixture)
     sees_eof, stream_echo, wait_until,
 )
 from tlsutil import (  # noqa: F401  (certs, make_tls_server, make_py_server: fixtures)
-    CLIENT_IDENTITY, certs, has_tls_api, make_py_server, make_tls_server, py_echo,
+    CLIENT_IDENTITY, BioClient, certs, has_tls_api, make_py_server, make_tls_server, py_echo,
     recv_exact_tls, tls_sees_eof,
 )
 
@@ -1184,6 +1184,63 @@ def test_server_delivers_data_then_peer_closed(make_tls_server, certs, runner, c
     assert out.wait_for(lambda items: len(items) == 2), out.snapshot()
     assert out.snapshot() == [("data", True), ("peer-closed", 0)]
     s.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("size", [10, 3_000_000])
+@pytest.mark.parametrize("runner", ["pool", "inline"])
+def test_peer_close_notify_while_handler_runs_reply_still_delivered(
+        make_tls_server, certs, runner, size):
+    """As a FIN on plain TCP: the client's close_notify (and no FIN) ends
+    its half; the reply to the request before it is still delivered."""
+    reply = os.urandom(size)
+    disc = threading.Event()
+
+    def handler(ctx: Any, conn: Any) -> None:
+        r = conn.reader
+        if len(r) < 4:
+            return
+        (n,) = HDR.unpack(r.peek(4))
+        if len(r) < 4 + n:
+            return
+        r.skip(4 + n)
+        if runner == "pool":
+            time.sleep(0.2)               # the close_notify arrives while we run
+        conn.writer.write_binary(frame(reply))
+        conn.writer.flush()
+
+    srv = make_tls_server(handler, runner=runner,
+                          on_disconnect=lambda ctx, c: disc.set())
+    c = BioClient(srv.connect(timeout=20), certs.client_context())
+    c.handshake()
+    c.send(frame(b"request"))
+    c.send_close_notify()
+    (n,) = HDR.unpack(c.recv_exact(4))
+    assert n == size and c.recv_exact(n) == reply
+    assert sees_eof(c.sock, 5), "not closed after the half-closed peer's reply"
+    assert disc.wait(5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("runner", ["pool", "inline"])
+def test_handshake_and_records_one_byte_per_segment(make_tls_server, certs, runner,
+                                                    version):
+    """Every TLS byte in its own TCP segment (handshake included), then many
+    records in one segment: the record layer reassembles both."""
+    srv = make_tls_server(frame_echo, runner=runner)
+    c = BioClient(srv.connect(timeout=30), certs.client_context(maximum_version=version))
+    c.handshake(chunk=1)
+    msg = os.urandom(300)
+    c.send(frame(msg), chunk=1)
+    (n,) = HDR.unpack(c.recv_exact(4))
+    assert c.recv_exact(n) == msg
+    # 40 frames as 200 small records, all in one write.
+    msgs = [os.urandom(i * 37 % 500) for i in range(40)]
+    c.send(b"".join(frame(m) for m in msgs), records=200)
+    for m in msgs:
+        (n,) = HDR.unpack(c.recv_exact(4))
+        assert c.recv_exact(n) == m
 
 
 @pytest.mark.timeout(30)

@@ -358,3 +358,68 @@ def tls_sees_eof(s: Any, timeout: float = 5.0) -> bool:
             s.settimeout(old)
         except OSError:
             pass
+
+
+class BioClient:
+    """A TLS client over a blocking socket through Python's ssl.SSLObject
+    and memory BIOs, so the test decides how the bytes go out: one byte per
+    TCP segment, several records in one write, close_notify without a FIN."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext,
+                 server_hostname: Optional[str] = "127.0.0.1") -> None:
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+
+    def _send(self, data: bytes, chunk: int) -> None:
+        for i in range(0, len(data), chunk):
+            self.sock.sendall(data[i:i + chunk])
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    def handshake(self, chunk: int = 1 << 20) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                self._send(self.outgoing.read(), chunk)
+                return
+            except ssl.SSLWantReadError:
+                self._send(self.outgoing.read(), chunk)
+                if not self._fill():
+                    raise ConnectionError("EOF during the handshake") from None
+
+    def send(self, data: bytes, chunk: int = 1 << 20, records: int = 1) -> None:
+        """`data` as `records` TLS records, sent `chunk` bytes per write."""
+        step = max(1, -(-len(data) // records))
+        for i in range(0, len(data), step):
+            self.obj.write(data[i:i + step])
+        self._send(self.outgoing.read(), chunk)
+
+    def recv_exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                out += self.obj.read(n - len(out))
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    raise EOFError(f"EOF after {len(out)} of {n} bytes") from None
+            except ssl.SSLZeroReturnError:
+                raise EOFError(f"close_notify after {len(out)} of {n} bytes") from None
+        return bytes(out)
+
+    def send_close_notify(self) -> None:
+        """close_notify only: no FIN, and without waiting for the peer's."""
+        try:
+            self.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self._send(self.outgoing.read(), 1 << 20)
