@@ -15,10 +15,12 @@ import random
 import re
 import select
 import shutil
+import signal
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -1684,6 +1686,108 @@ def test_on_request_on_a_dialed_tls_connection(make_tls_server, certs):
     conn.set_on_request(on_reply)
     conn.write(b"async reply")
     assert got.wait_for(lambda items: b"".join(items) == b"async reply")
+
+
+PREFORK_APP = r'''
+import os, ssl, sys
+sys.path.insert(0, sys.argv[1])
+import netpoll
+
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.keylog_filename = None
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+
+
+def on_request(ctx_, conn):
+    # "pid\n" -> the worker's PID
+    line = bytes(conn.reader.until(b"\n")).strip()
+    conn.reader.release()
+    conn.writer.write_binary(b"%d %s\n" % (os.getpid(), conn.tls.version().encode()))
+    conn.writer.flush()
+
+
+netpoll.serve(on_request, "127.0.0.1:0", processes=2, ssl=ctx, ssl_handshake_timeout=5.0,
+              on_ready=lambda addr: print("READY", addr[1], flush=True), runner="inline")
+print("RETURNED", flush=True)
+'''
+
+
+def _children_of(ppid: int) -> set:
+    out = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
+            out.add(int(name))
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_prefork_serve_with_tls(certs, tmp_path):
+    """netpoll.serve(..., processes=2, ssl=ctx): every worker serves TLS with
+    the same context; SIGTERM stops them all."""
+    script = tmp_path / "prefork_tls.py"
+    script.write_text(PREFORK_APP)
+    root = os.path.dirname(os.path.dirname(netpoll.__file__))
+    env = dict(os.environ)
+    env.pop("SSLKEYLOGFILE", None)
+    proc = subprocess.Popen([sys.executable, str(script), root, certs.server_cert_pem,
+                             certs.server_key_pem], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    workers: set = set()
+    try:
+        assert proc.stdout is not None
+        line = read_stream(proc.stdout.fileno(), b"\n", 20)
+        assert line.startswith(b"READY "), (line, proc.poll())
+        port = int(line.split()[1])
+        workers = _children_of(proc.pid)
+        assert len(workers) == 2, workers
+        seen = set()
+        for _ in range(30):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with certs.client_context().wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"pid\n")
+                pid, version = recv_line(s).split()
+                assert version.startswith(b"TLS")
+                seen.add(int(pid))
+        assert seen <= workers and seen, (seen, workers)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else b""
+        assert wait_until(lambda: not any(_is_our_worker(w, script) for w in workers), 10)
+    finally:
+        stop_proc(proc)
+        for w in workers:
+            if _is_our_worker(w, script):      # never a reused PID
+                os.kill(w, signal.SIGKILL)
+
+
+def _is_our_worker(pid: int, script: Any) -> bool:
+    """pid is alive and runs our script (a forked worker keeps its cmdline)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return str(script).encode() in f.read()
+    except (OSError, IndexError):
+        return False
+
+
+def recv_line(s: Any) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            raise EOFError(out)
+        out += chunk
+    return out
 
 
 # ======================================================================
