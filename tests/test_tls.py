@@ -1398,6 +1398,31 @@ def test_16mib_write_to_a_slow_reader_arrives_intact(make_tls_server, certs, run
     s.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [100, 3_000_000, 8 * 1024 * 1024])
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_close_right_after_flush_delivers_the_output_then_close_notify(
+        make_tls_server, certs, runner, size):
+    """close() after a flush (from an inline handler the output may still be
+    queued, above or below output_limit): all of it is encrypted and
+    delivered, then close_notify, then the FIN."""
+    payload = os.urandom(size)
+
+    def handler(ctx: Any, conn: Any) -> None:
+        conn.reader.skip(len(conn.reader))
+        conn.writer.write_binary(payload)
+        conn.writer.flush()
+        conn.close()
+
+    srv = make_tls_server(handler, runner=runner)
+    s = srv.connect_tls(certs.client_context(), suppress_ragged_eofs=False, timeout=30)
+    s.sendall(b"go")
+    time.sleep(0.2)                       # the client reads late
+    assert recv_exact_tls(s, size) == payload
+    assert s.recv(10) == b"", "expected close_notify after the output"
+    assert socket.socket.recv(s, 10) == b""
+
+
 @pytest.mark.timeout(120)
 def test_dialer_16mib_write_to_a_slow_python_reader(make_py_server, certs, big_payload):
     def handler(s: ssl.SSLSocket) -> None:
