@@ -1423,6 +1423,52 @@ def test_close_right_after_flush_delivers_the_output_then_close_notify(
     assert socket.socket.recv(s, 10) == b""
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("closer", ["close", "peer-reset"])
+def test_blocked_tls_flush_is_woken_by_close_or_reset(make_tls_server, certs, big_payload,
+                                                      closer):
+    """A flush blocked on a peer that never reads, ended from another thread
+    by close() or by the peer's RST while records are being encrypted and
+    sent: the flush raises ConnectionClosedError at once; nothing crashes."""
+    out: dict = {}
+    entered = threading.Event()
+    done = threading.Event()
+    holder: dict = {}
+
+    def handler(ctx: Any, conn: Any) -> None:
+        holder["conn"] = conn
+        conn.reader.skip(len(conn.reader))
+        conn.writer.write_binary(big_payload)
+        entered.set()
+        try:
+            conn.writer.flush()
+            out["exc"] = None
+        except Exception as e:
+            out["exc"] = e
+        out["t"] = time.monotonic()
+        done.set()
+
+    srv = make_tls_server(handler, runner="pool")
+    s = srv.connect_tls(certs.client_context())
+    s.sendall(b"go")                      # and never read
+    assert entered.wait(5)
+    time.sleep(0.3)
+    assert not done.is_set(), "a 16 MiB flush returned to a client that never reads"
+    t0 = time.monotonic()
+    if closer == "close":
+        holder["conn"].close()
+    else:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    assert done.wait(3), "the blocked flush was not woken"
+    assert isinstance(out["exc"], netpoll.ConnectionClosedError), out
+    assert out["t"] - t0 < 1.0
+    # The server still serves TLS: a reading client gets the whole payload.
+    with srv.connect_tls(certs.client_context(), timeout=30) as t:
+        t.sendall(b"x")
+        assert recv_exact_tls(t, len(big_payload)) == big_payload
+
+
 @pytest.mark.timeout(120)
 def test_dialer_16mib_write_to_a_slow_python_reader(make_py_server, certs, big_payload):
     def handler(s: ssl.SSLSocket) -> None:
