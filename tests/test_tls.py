@@ -36,8 +36,8 @@ from netutil import (  # noqa: F401  (make_server is a fixture)
     sees_eof, stream_echo, wait_until,
 )
 from tlsutil import (  # noqa: F401  (certs, make_tls_server, make_py_server: fixtures)
-    CLIENT_IDENTITY, BioClient, certs, has_tls_api, make_py_server, make_tls_server, py_echo,
-    recv_exact_tls, tls_sees_eof,
+    CLIENT_IDENTITY, TOOL_ENV, BioClient, certs, has_tls_api, make_py_server, make_tls_server,
+    py_echo, recv_exact_tls, tls_sees_eof,
 )
 
 # Until the TLS core lands, every test here fails with "unexpected keyword
@@ -333,7 +333,7 @@ def test_openssl_s_client_echo(make_tls_server, certs, version):
         [OPENSSL, "s_client", "-connect", f"127.0.0.1:{srv.addr[1]}", "-CAfile", certs.ca_pem,
          "-verify_return_error", "-servername", "localhost", "-quiet", version,
          "-alpn", "echo"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=TOOL_ENV)
     try:
         assert p.stdin is not None and p.stdout is not None
         p.stdin.write(b"hello from s_client\n")
@@ -358,7 +358,7 @@ def s_client_renegotiates(port: int, ca_pem: str, timeout: float = 15.0) -> dict
     assert OPENSSL is not None
     p = subprocess.Popen(
         [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", ca_pem, "-tls1_2"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=TOOL_ENV)
     assert p.stdin is not None and p.stdout is not None
     fd = p.stdout.fileno()
     try:
@@ -424,7 +424,7 @@ class SServer:
         self.p = subprocess.Popen(
             [OPENSSL, "s_server", "-accept", "127.0.0.1:0", "-cert", certs.server_cert_pem,
              "-key", certs.server_key_pem, "-tls1_2", "-msg"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=TOOL_ENV)
         assert self.p.stdout is not None
         self.fd = self.p.stdout.fileno()
         self.out = read_stream(self.fd, b"\n", 10, read_stream(self.fd, b"ACCEPT ", 10))

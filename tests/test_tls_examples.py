@@ -20,7 +20,9 @@ import pytest
 
 import test_examples
 from test_examples import needs, start_example  # noqa: F401  (start_example: a fixture)
-from tlsutil import certs, recv_exact_tls, tls_sees_eof  # noqa: F401  (certs: a fixture)
+from tlsutil import (  # noqa: F401  (certs: a fixture)
+    TOOL_ENV, certs, recv_exact_tls, tls_sees_eof,
+)
 
 # The examples build their contexts with ssl.create_default_context(), which
 # honours $SSLKEYLOGFILE, and netpoll refuses contexts with a key log: keep a
@@ -43,7 +45,8 @@ def s_client_echo(cmd_tail: list, ca_pem: str, lines: list, timeout: float = 20.
     assert OPENSSL is not None
     p = subprocess.Popen([OPENSSL, "s_client", *cmd_tail, "-CAfile", ca_pem,
                           "-verify_return_error", "-quiet"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=TOOL_ENV)
     assert p.stdin is not None and p.stdout is not None
     want = b"".join(lines)
     out = b""
@@ -90,7 +93,7 @@ def test_https_example_with_curl(start_example, certs, version):
         [CURL, "-sS", "--fail-with-body", "--cacert", certs.ca_pem, *version, "-v",
          "-w", "|%{http_code}|%{http_version}\n",
          f"{base}/json", f"{base}/plaintext", f"{base}/json?x=1"],
-        capture_output=True, text=True, timeout=30)
+        capture_output=True, text=True, timeout=30, env=TOOL_ENV)
     assert out.returncode == 0, out.stdout + out.stderr
     bodies = out.stdout.splitlines()
     assert bodies == ['{"message": "Hello, World!"}|200|1.1',
@@ -111,12 +114,12 @@ def test_https_example_refused_by_curl_without_the_ca(start_example, certs):
     ex = start_example("http_server.py", *tls_args(certs))
     out = subprocess.run([CURL, "-sS", "--cacert", certs.other_ca_pem,
                           f"https://localhost:{ex.port}/json"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env=TOOL_ENV)
     assert out.returncode == 60, out.stdout + out.stderr      # CURLE_PEER_FAILED_VERIFICATION
     # The server stays up for the next client.
     out = subprocess.run([CURL, "-sS", "--cacert", certs.ca_pem,
                           f"https://127.0.0.1:{ex.port}/plaintext"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env=TOOL_ENV)
     assert out.returncode == 0 and out.stdout == "Hello, World!", out.stdout + out.stderr
 
 
@@ -173,7 +176,7 @@ def test_https_example_under_wrk(start_example, certs):
         pytest.skip("wrk is not installed (apt-get install wrk); skipping the HTTPS load test")
     ex = start_example("http_server.py", *tls_args(certs))
     out = subprocess.run([wrk, "-t1", "-c8", "-d1", f"https://127.0.0.1:{ex.port}/plaintext"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env=TOOL_ENV)
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     m = re.search(r"(\d+) requests in", out.stdout)
@@ -213,7 +216,7 @@ def test_echo_example_rejected_by_s_client_with_the_wrong_ca(start_example, cert
     ex = start_example("echo_server.py", *tls_args(certs))
     out = subprocess.run([OPENSSL, "s_client", "-connect", f"127.0.0.1:{ex.port}",
                           "-CAfile", certs.other_ca_pem, "-verify_return_error", "-quiet"],
-                         input=b"hi\n", capture_output=True, timeout=30)
+                         input=b"hi\n", capture_output=True, timeout=30, env=TOOL_ENV)
     assert out.returncode != 0
     assert b"verify error" in out.stderr or b"certificate verify failed" in out.stderr, \
         out.stderr
@@ -287,7 +290,8 @@ def redis_benchmark_tls() -> str:
     bench = shutil.which("redis-benchmark")
     if bench is None:
         pytest.skip("redis-benchmark is not installed (apt-get install redis-tools)")
-    helptext = subprocess.run([bench, "--help"], capture_output=True, text=True, timeout=10)
+    helptext = subprocess.run([bench, "--help"], capture_output=True, text=True, timeout=10,
+                              env=TOOL_ENV)
     if "--tls" not in helptext.stdout + helptext.stderr:
         pytest.skip("this redis-benchmark was built without TLS support")
     return bench
@@ -306,7 +310,7 @@ def test_resp_example_under_redis_benchmark_tls(start_example, certs, pipeline):
            "--sni", "localhost", "-t", "ping,set,get,incr", "-n", "5000", "-c", "16", "-q"]
     if pipeline:
         cmd += ["-P", pipeline]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=100)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=TOOL_ENV)
     lines = [part.split("\r")[-1].strip() for part in out.stdout.splitlines()]
     results = dict(re.findall(r"^(\w+): ([\d.]+) requests per second", "\n".join(lines), re.M))
     print("\n".join(line for line in lines if line))

@@ -26,6 +26,11 @@ trustme = pytest.importorskip("trustme", reason="trustme is missing: pip install
 
 CLIENT_IDENTITY = "client@example.org"
 
+# The environment for external tools (openssl, curl, wrk, redis-benchmark):
+# they are not instrumented, and under .ci/asan's LD_PRELOAD of libasan curl
+# hangs; nor should a developer's SSLKEYLOGFILE reach them.
+TOOL_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SSLKEYLOGFILE")}
+
 
 def has_tls_api() -> bool:
     """True once create_listener takes ssl= (issue 14's TLS core)."""
