@@ -24,7 +24,9 @@ import pytest
 import netpoll
 from reactorutil import Recorder, running, wait_until  # noqa: F401  (running: a fixture)
 
-trustme = pytest.importorskip("trustme")
+from opensslca import import_trustme
+
+trustme = import_trustme()     # or its stand-in made with the openssl tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
