@@ -198,6 +198,11 @@ def server_cpu(pids):
 
 def measure(kind, processes, rounds, args):
     procs, port = start(kind, processes, rounds)
+    return run_load(procs, port, args, f"{kind} x{processes}")
+
+
+def run_load(procs, port, args, label):
+    """One load run against servers already started (stopped here)."""
     notify_r, notify_w = os.pipe()
     try:
         client = subprocess.Popen(
@@ -219,10 +224,38 @@ def measure(kind, processes, rounds, args):
         stop(procs)
     res = json.loads(out)
     if res.get("errors"):
-        raise RuntimeError(f"{kind} x{processes}: {res['errors']} errors")
+        raise RuntimeError(f"{label}: {res['errors']} errors")
     res["server_cores"] = ((cpu[1][1] - cpu[0][1]) / (cpu[1][0] - cpu[0][0])
                            if len(cpu) == 2 else float("nan"))
+    # Server CPU per request (us): the cost side of the scaling, which a
+    # neighbour taking a core changes much less than req/s.
+    res["cpu_us_per_req"] = (res["server_cores"] / res["rps"] * 1e6
+                             if res.get("rps") else float("nan"))
     return res
+
+
+def print_run(rep, label, res):
+    print(f"  run {rep + 1}: {label}: {res['rps']:.0f} req/s, "
+          f"p99 {res['p99_us']:.0f} us, server {res['server_cores']:.2f} cores, "
+          f"{res['cpu_us_per_req']:.1f} us CPU/req, "
+          f"client cpu {res['client_cpu_s']:.2f} s", flush=True)
+
+
+def print_table(first, rows, results):
+    """rows: [(name, [(count, key), ...])]; the speedup is against the first count."""
+    print(f"| server | {first} | req/s (median) | p99 us | server cores "
+          "| server CPU us/req | speedup 1 -> 2 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, cells in rows:
+        one = statistics.median(r["rps"] for r in results[cells[0][1]])
+        for i, (count, key) in enumerate(cells):
+            rs = results[key]
+            rps = statistics.median(r["rps"] for r in rs)
+            p99 = statistics.median(r["p99_us"] for r in rs)
+            cores = statistics.median(r["server_cores"] for r in rs)
+            cpr = statistics.median(r["cpu_us_per_req"] for r in rs)
+            sp = f"{rps / one:.2f}x" if i else ""
+            print(f"| {name} | {count} | {rps:.0f} | {p99:.0f} | {cores:.2f} | {cpr:.1f} | {sp} |")
 
 
 def main():
@@ -254,21 +287,9 @@ def main():
         for kind, procs in order:
             res = measure(kind, procs, rounds, args)
             results[(kind, procs)].append(res)
-            print(f"  run {rep + 1}: {kind} x{procs}: {res['rps']:.0f} req/s, "
-                  f"p99 {res['p99_us']:.0f} us, server {res['server_cores']:.2f} cores, "
-                  f"client cpu {res['client_cpu_s']:.2f} s", flush=True)
+            print_run(rep, f"{kind} x{procs}", res)
     print()
-    print("| server | processes | req/s (median) | p99 us | server cores | speedup 1 -> 2 |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for kind in kinds:
-        one = statistics.median(r["rps"] for r in results[(kind, 1)])
-        for procs in (1, 2):
-            rs = results[(kind, procs)]
-            rps = statistics.median(r["rps"] for r in rs)
-            p99 = statistics.median(r["p99_us"] for r in rs)
-            cores = statistics.median(r["server_cores"] for r in rs)
-            sp = f"{rps / one:.2f}x" if procs == 2 else ""
-            print(f"| {kind} | {procs} | {rps:.0f} | {p99:.0f} | {cores:.2f} | {sp} |")
+    print_table("processes", [(k, [(p, (k, p)) for p in (1, 2)]) for k in kinds], results)
     return 0
 
 

@@ -134,7 +134,13 @@ class EventLoop:
         with self._lock:
             self._acceptors.append(acceptor)
             self._listeners.append(listener)
-        self._stopped.wait()
+        # Timed, like Reactor.run(): the main thread must come back to the
+        # interpreter to run a Python signal handler (the examples' SIGTERM
+        # calls shutdown()). CPython 3.13.5 free-threaded was seen to leave
+        # a SIGTERM unhandled while the main thread sat in an untimed
+        # Event.wait() and other threads ran Python.
+        while not self._stopped.wait(0.25):
+            pass
 
     def shutdown(self, timeout: Optional[float] = 5.0) -> None:
         """Stop accepting, let running handlers finish, close every connection.

@@ -335,6 +335,16 @@ def test_accept_backs_off_on_emfile_and_resumes(runner):
 # no leaks over many connect/close cycles
 # ======================================================================
 
+def _thread_count():
+    """Threads, less runner="auto"'s hand-off pool: its standbys, and the
+    poller threads that handed their poller off and became standbys, start
+    on demand and retire after 10 s idle on their own schedule (a count
+    that fell by 4 failed this test once on 3.13t). They belong to the
+    runtime, not to a connection: neither a leak nor a loop's thread."""
+    return sum(1 for t in threading.enumerate()
+               if not t.name.startswith(("netpoll-standby", "netpoll-poller-")))
+
+
 def _settle(loop, baseline, timeout=10.0):
     """Wait until the loop has no connections and fds, threads and chunks are
     back at `baseline` (bounded); returns the final figures."""
@@ -343,7 +353,7 @@ def _settle(loop, baseline, timeout=10.0):
 
     def figures():
         gc.collect()
-        return (fd_count(), threading.active_count(), pool_stats()["chunks_in_use"])
+        return (fd_count(), _thread_count(), pool_stats()["chunks_in_use"])
 
     wait_until(lambda: figures() == baseline, timeout, interval=0.05)
     return figures()
@@ -375,7 +385,7 @@ def test_no_leaks_over_10000_connect_close_cycles(make_server, runner):
     assert wait_until(lambda: srv.loop.connections == 0, 10)
     time.sleep(0.2)
     gc.collect()
-    baseline = (fd_count(), threading.active_count(), pool_stats()["chunks_in_use"])
+    baseline = (fd_count(), _thread_count(), pool_stats()["chunks_in_use"])
     errors = []
 
     def worker(k):
@@ -422,7 +432,7 @@ def test_no_leaks_over_dial_close_cycles(make_server):
     assert wait_until(lambda: srv.loop.connections == 0, 10)
     time.sleep(0.2)
     gc.collect()
-    baseline = (fd_count(), threading.active_count(), pool_stats()["chunks_in_use"])
+    baseline = (fd_count(), _thread_count(), pool_stats()["chunks_in_use"])
     t0 = time.monotonic()
     for i in range(CYCLES):
         cycle(i)
@@ -460,6 +470,25 @@ def _wait_all_closed(socks, timeout):
     finally:
         sel.close()
     return pending
+
+
+def _known_to_server(socks, timeout):
+    """Of client sockets the server never closed, those it still has.
+
+    A client whose last handshake ACK the kernel dropped because the listen
+    queue was full (ListenOverflows in nstat) believes it is connected,
+    while the server only had a request socket, dropped silently when the
+    listener closed: nothing was ever accepted, so nobody can close it.
+    The parallel hammer threads of a free-threaded build fill the queue
+    while shutdown() runs; GIL builds rarely do. One byte sent there draws
+    a reset, while a socket the server accepted and forgot (its fd still
+    open) swallows it."""
+    for s in socks:
+        try:
+            s.send(b"?")
+        except OSError:
+            pass
+    return _wait_all_closed(socks, timeout)
 
 
 @pytest.mark.timeout(90)
@@ -522,6 +551,8 @@ def test_connects_racing_shutdown_are_refused_or_closed_never_left_hanging():
             lst.close()
         th.join(5)
         hung = _wait_all_closed(socks, 10.0)   # generous: ASan builds on a loaded CI are slow
+        if hung:
+            hung = _known_to_server(hung, 5.0)
         for s in socks:
             s.close()
         wait_until(lambda: fd_count() <= base, 2)
