@@ -203,7 +203,8 @@ cdef inline bint np_on_poller_thread(np_poller_t *p) noexcept nogil:
     return p != NULL and p.thread_set and pthread_equal(p.thread, pthread_self())
 
 
-# ---- leadership (runner="auto"; GIL held for all three) ----
+# ---- leadership (runner="auto"; called with the GIL held on GIL builds; the
+# hand-off itself is decided under the standby pool's lock, see poller.pyx) ----
 # The leader gives p to a standby thread before it waits (netpoll's own
 # blocking calls) or before a handler known to block. True if a standby was
 # found: this thread no longer leads p (np_on_poller_thread is false).

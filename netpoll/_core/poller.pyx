@@ -450,11 +450,13 @@ cdef int _poll_once(np_poller_t *p) noexcept nogil:
 #     threshold (foreign blocking: time.sleep, a database driver, CPU work;
 #     the monitor wakes at the threshold, so within 2 thresholds).
 # The switch itself (p.thread, and the rest of the GIL phase's batch,
-# p.batch) happens with the GIL held: the new leader takes the GIL before it
-# claims p, so the old leader is never between "am I the leader?" and a
-# write to its poller's own lists, which it only does holding the GIL. The
-# old leader, once its handler returns, sees that it lost p (the batch is
-# not its any more) and becomes a standby.
+# p.batch) is decided under g_sb.lock, not by the GIL (free-threaded builds
+# have none): a standby takes p only while the leader is inside a handler
+# (busy_since != 0) or has given p up (thread_set == 0), and the leader
+# ends a handler (busy_end) and gives p up (abdicate) under the same lock.
+# So the old leader is never between "am I the leader?" and a write to its
+# poller's own lists while a standby takes p; once its handler returns it
+# sees that it lost p (the batch is not its any more) and becomes a standby.
 #
 # Standbys are Python threads waiting in C without the GIL. The pool keeps
 # MIN_SPARE of them idle, grows up to `cap` threads and shrinks when they
@@ -686,14 +688,18 @@ cdef bint np_poller_abdicate(np_poller_t *p) noexcept:
         return False
     pthread_mutex_lock(&g_sb.lock)
     r = _sb_assign(p)
+    if r != 0:
+        # Given up under the lock _claim() decides under: a standby must not
+        # find thread_set still 1 with busy_since 0 ("the leader leads on")
+        # and leave p with no leader.
+        np__store64(&p.busy_since, 0)
+        p.thread_set = 0
     pthread_mutex_unlock(&g_sb.lock)
     if r == 2:
         pthread_cond_signal(&g_sb.cond)
     if r == 0:
         _log_missed()
         return False
-    np__store64(&p.busy_since, 0)
-    p.thread_set = 0
     np__lead = NULL
     p.handoffs += 1
     return True
@@ -718,18 +724,31 @@ cdef int64_t np_poller_busy_begin(np_poller_t *p) noexcept:
 
 
 cdef void np_poller_busy_end(np_poller_t *p) noexcept:
-    if np_on_poller_thread(p):
+    if p.handoff:
+        # Under the lock _claim() decides under: either the standby took p
+        # first (we are no longer the leader) or it will find busy_since 0
+        # and leave p to us; never both leading.
+        pthread_mutex_lock(&g_sb.lock)
+        if np_on_poller_thread(p):
+            np__store64(&p.busy_since, 0)
+        pthread_mutex_unlock(&g_sb.lock)
+    elif np_on_poller_thread(p):
         np__store64(&p.busy_since, 0)
     if g_sb.missed and not g_sb.logged:
         _log_missed()
 
 
 cdef long long np_poller_busy_pause(np_poller_t *p) noexcept:
-    cdef long long since
-    if not np_on_poller_thread(p):
-        return -1                    # not ours to pause
-    since = np__load64(&p.busy_since)
-    np__store64(&p.busy_since, 0)
+    cdef long long since = -1        # -1: not ours to pause
+    # Under the lock _claim() decides under: a standby the monitor sent
+    # cannot take p between our "still the leader?" and busy_since = 0.
+    if p.handoff:
+        pthread_mutex_lock(&g_sb.lock)
+    if np_on_poller_thread(p):
+        since = np__load64(&p.busy_since)
+        np__store64(&p.busy_since, 0)
+    if p.handoff:
+        pthread_mutex_unlock(&g_sb.lock)
     return since
 
 
@@ -876,28 +895,25 @@ cdef class Poller:
                 return 1
 
     cdef int _claim(self) except -1:
-        """A standby sent to lead this poller (GIL held: see above)."""
+        """A standby sent to lead this poller (the decision under g_sb.lock:
+        see above)."""
         global np__lead
         cdef np_poller_t *p = self.p
-        if p.thread_set and np__load64(&p.busy_since) == 0 and not np_atomic_load_int(&p.stop):
-            # The leader's handler returned before we got here: it leads on.
-            pthread_mutex_lock(&g_sb.lock)
-            p.claim_pending = 0
-            pthread_mutex_unlock(&g_sb.lock)
-            return 0
-        if self._done.is_set():
-            pthread_mutex_lock(&g_sb.lock)
-            p.claim_pending = 0
+        cdef bint done = self._done.is_set()
+        pthread_mutex_lock(&g_sb.lock)
+        p.claim_pending = 0
+        if done or (p.thread_set and np__load64(&p.busy_since) == 0
+                    and not np_atomic_load_int(&p.stop)):
+            # The loop ended, or the leader's handler returned before we got
+            # here (busy_end under this lock): it leads on.
             pthread_mutex_unlock(&g_sb.lock)
             return 0
         p.thread = pthread_self()
         p.thread_set = 1
+        np__store64(&p.busy_since, 0)
+        pthread_mutex_unlock(&g_sb.lock)
         np__lead = p
         p.handoffs += 1
-        np__store64(&p.busy_since, 0)
-        pthread_mutex_lock(&g_sb.lock)
-        p.claim_pending = 0
-        pthread_mutex_unlock(&g_sb.lock)
         # (New standbys are started by the monitor, off this latency path.)
         self._loop()
         return 0
