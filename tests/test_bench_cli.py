@@ -223,3 +223,39 @@ def test_client_tls_drives_a_python_ssl_server_and_verifies_what_it_decrypts(cor
         assert res["verify_errors"] > 0
     else:
         assert res["requests"] > 0 and res["errors"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_driver_tls_also_plain_runs_the_same_matrix_over_plain_tcp_in_the_same_session(tmp_path):
+    out = tmp_path / "r.json"
+    p = run_module("--tls", "--also-plain", "--servers", "netpoll-inline", "--modes", "echo",
+                   "--sizes", "1024", "--conns", "2", "--duration", "0.3", "--warmup", "0.1",
+                   "--no-pin", "--json", str(out), timeout=80)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "tls-echo/1KiB/2c/unpinned" in p.stdout and "\necho/1KiB/2c/unpinned" in p.stdout
+    cells = json.loads(out.read_text())["cells"]
+    assert sorted(c["tls"] for c in cells) == [False, True]
+    for c in cells:
+        assert c["rps"] > 0 and c["errors"] == 0, c
+        (run,) = c["raw"]
+        assert run["tls"] is c["tls"]
+        assert run["tls_handshakes"] == (2 if c["tls"] else 0)
+
+
+def test_driver_rejects_also_plain_without_tls():
+    p = run_module("--also-plain", timeout=30)
+    assert p.returncode == 2 and "--also-plain goes with --tls" in p.stderr
+
+
+def test_client_tls_opens_its_window_only_after_every_handshake():
+    # No warm-up at all: without the wait for the handshakes they would land in the window.
+    port, stop = _tls_echo_server(False)
+    try:
+        p = run_module("client", f"127.0.0.1:{port}", "--tls", "--conns", "6", "--size", "100",
+                       "--duration", "0.3", "--warmup", "0", timeout=60)
+    finally:
+        stop()
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout)
+    assert res["tls_handshakes"] == 6 and res["tls_handshakes_in_window"] == 0, res
+    assert res["requests"] > 0 and res["errors"] == 0 and res["starved_connections"] == 0
