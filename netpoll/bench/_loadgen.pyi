@@ -27,6 +27,10 @@ class LoadgenResult(TypedDict):
     size: int
     mode: str
     pipeline: int
+    tls: bool
+    tls_handshakes: int            # TLS handshakes completed, re-dials included
+    tls_handshakes_in_window: int  # of those, completed inside the measured window
+    tls_errors: int                # failed TLS handshakes
 
 def run(
     host: str = "127.0.0.1",
@@ -43,4 +47,5 @@ def run(
     notify_fd: int = -1,
     spin: bool = False,
     seed: int = ...,
+    tls: bool = False,
 ) -> LoadgenResult: ...

@@ -28,11 +28,28 @@ A reply whose bytes differ counts one error (``verify_errors``) and is not
 counted as a request; bytes arriving beyond what was sent, a reset, an EOF or a
 failed connect count as errors too and the connection is re-dialled after a
 short back-off, all within the run's deadline.
+
+With ``tls=True`` every connection runs an OpenSSL client session over its
+non-blocking socket (a socket BIO: ``SSL_write``/``SSL_read`` call
+``send``/``recv`` themselves, still without the GIL). All sessions share one
+``SSL_CTX`` made with ``TLS_client_method()`` that verifies nothing (the
+benchmark measures the record layer, not the PKI). The measured window
+starts only once every connection has finished its handshake (or 10 s after
+the warm-up, whichever is first), so handshakes are never counted in the
+window: the server's CPU per request is the record work alone.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcmp, memcpy, memset
+
+from netpoll._core.includes.openssl cimport (
+    SSL_CTX, SSL, TLS_client_method, SSL_CTX_new, SSL_CTX_free, SSL_CTX_set_verify,
+    SSL_new, SSL_free, SSL_set_connect_state, SSL_do_handshake, SSL_read, SSL_write,
+    SSL_get_error, SSL_set_mode, SSL_set_read_ahead, SSL_VERIFY_NONE,
+    SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE, SSL_MODE_ENABLE_PARTIAL_WRITE,
+    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, ERR_clear_error,
+)
 
 import os as _os
 import resource as _resource
@@ -72,6 +89,9 @@ cdef extern from *:
         return z ^ (z >> 31);
     }
     static inline int lg_errno_is_again(int e) { return e == EAGAIN || e == EWOULDBLOCK; }
+    /* TLS: connections whose handshake is done, summed over all workers. */
+    static inline void lg_atomic_inc(int *p) { __atomic_fetch_add(p, 1, __ATOMIC_RELAXED); }
+    static inline int lg_atomic_get(int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
     """
     int64_t lg_now_ns() nogil
     int64_t lg_thread_cpu_ns() nogil
@@ -79,6 +99,13 @@ cdef extern from *:
     int lg_msb64(uint64_t v) nogil
     uint64_t lg_mix64(uint64_t z) nogil
     int lg_errno_is_again(int e) nogil
+    void lg_atomic_inc(int *p) nogil
+    int lg_atomic_get(int *p) nogil
+
+
+cdef extern from "<openssl/ssl.h>" nogil:
+    # not in includes/openssl.pxd: the core drives its own BIO, the generator a socket BIO
+    int SSL_set_fd(SSL *s, int fd)
 
 
 cdef extern from "<sys/types.h>" nogil:
@@ -179,8 +206,11 @@ cdef enum:
     ST_CONNECTING = 1
     ST_ACTIVE = 2
     ST_DONE = 3
+    ST_HANDSHAKE = 4           # TLS: connected, handshake under way
+    TLS_RECORD = 16384         # plaintext per SSL_write: one full record at most
 
 cdef int64_t BACKOFF_NS = 20000000      # 20 ms between re-dials of a failed connection
+cdef int64_t TLS_READY_WAIT_NS = 10000000000   # TLS: longest wait for all handshakes after warm-up
 
 
 # ------------------------------------------------------------------ structures
@@ -200,6 +230,8 @@ cdef struct Conn:
     int64_t retry_at
     uint32_t *offs           # pipeline slots: pattern offset of each in-flight body
     int64_t *t_sent          # pipeline slots: when each in-flight message was issued
+    SSL *ssl                 # TLS session on fd (NULL on plain runs)
+    int hs_counted           # its handshake was counted in *tls_ready (once per connection)
 
 cdef struct Worker:
     # configuration
@@ -221,6 +253,11 @@ cdef struct Worker:
     int spin                 # poll with a zero timeout instead of sleeping in epoll_wait
     int64_t win_start
     int64_t win_end
+    int64_t ready_at         # TLS: the end of the warm-up; the window starts once all are ready
+    int64_t dur_ns           # TLS: the window's length
+    SSL_CTX *ssl_ctx         # TLS: shared by every worker (NULL on plain runs)
+    int *tls_ready           # TLS: connections with a finished handshake, all workers
+    int total_conns
     # state
     int epfd
     int n_idle
@@ -231,6 +268,9 @@ cdef struct Worker:
     uint64_t io_errors
     uint64_t connect_errors
     uint64_t connects
+    uint64_t handshakes      # TLS handshakes completed, re-dials included
+    uint64_t handshakes_in_window
+    uint64_t tls_errors      # TLS handshake or record failures
     uint64_t starved
     uint64_t lat_sum
     uint64_t lat_max
@@ -291,6 +331,10 @@ cdef inline void epoll_set(Worker *w, Conn *c, int op, uint32_t events) noexcept
     epoll_ctl(w.epfd, op, c.fd, &ev)
 
 cdef void conn_fail(Worker *w, Conn *c, int64_t now) noexcept nogil:
+    if c.ssl != NULL:
+        SSL_free(c.ssl)      # a socket BIO made by SSL_set_fd does not close the fd
+        c.ssl = NULL
+        ERR_clear_error()    # the failure may have left errors queued on this thread
     if c.fd >= 0:
         close(c.fd)          # also removes it from the epoll set
     c.fd = -1
@@ -326,6 +370,31 @@ cdef inline const uint8_t *stream_ptr(Worker *w, Conn *c, uint64_t pos, uint64_t
     run[0] = ml - o
     return w.pattern + c.offs[slot] + o
 
+cdef int tls_send(Worker *w, Conn *c) noexcept nogil:
+    """SSL_write what is queued, one record per contiguous run (at most TLS_RECORD bytes).
+
+    With partial writes and a moving buffer allowed, a write that returned
+    WANT_WRITE is retried later with the same bytes (send_pos did not move), as
+    OpenSSL requires. -1: failed."""
+    cdef uint64_t run
+    cdef const uint8_t *ptr
+    cdef int n, err
+    while c.send_pos < c.gen_pos:
+        ptr = stream_ptr(w, c, c.send_pos, &run)
+        if run > c.gen_pos - c.send_pos:
+            run = c.gen_pos - c.send_pos
+        if run > TLS_RECORD:
+            run = TLS_RECORD
+        n = SSL_write(c.ssl, ptr, <int>run)
+        if n > 0:
+            c.send_pos += <uint64_t>n
+            continue
+        err = SSL_get_error(c.ssl, n)
+        if err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_WANT_READ:
+            break
+        return -1               # counted as an I/O error by the caller
+    return 0
+
 cdef int do_send(Worker *w, Conn *c) noexcept nogil:
     """Send what is queued; keep EPOLLOUT in the interest set while some is left. -1: failed."""
     cdef iovec iov[MAX_IOV]
@@ -335,7 +404,9 @@ cdef int do_send(Worker *w, Conn *c) noexcept nogil:
     cdef int e, k
     memset(&mh, 0, sizeof(mh))
     mh.msg_iov = iov
-    while c.send_pos < c.gen_pos:
+    if c.ssl != NULL and tls_send(w, c) < 0:
+        return -1
+    while c.ssl == NULL and c.send_pos < c.gen_pos:
         pos = c.send_pos
         k = 0
         while pos < c.gen_pos and k < MAX_IOV:
@@ -373,6 +444,53 @@ cdef void conn_activate(Worker *w, Conn *c, int64_t now) noexcept nogil:
         w.io_errors += 1
         conn_fail(w, c, now)
 
+cdef inline void set_want_out(Worker *w, Conn *c, int want) noexcept nogil:
+    if c.want_out != want:
+        c.want_out = want
+        epoll_set(w, c, EPOLL_CTL_MOD, (EPOLLIN | EPOLLOUT) if want else EPOLLIN)
+
+cdef void tls_handshake_step(Worker *w, Conn *c, int64_t now) noexcept nogil:
+    """Drive the client handshake; the connection starts its requests once it is done."""
+    cdef int r, err
+    r = SSL_do_handshake(c.ssl)
+    if r == 1:
+        w.handshakes += 1
+        if not c.hs_counted:
+            c.hs_counted = 1
+            lg_atomic_inc(w.tls_ready)
+        if now >= w.win_start and now < w.win_end:
+            w.handshakes_in_window += 1
+        set_want_out(w, c, 0)
+        conn_activate(w, c, now)
+        return
+    err = SSL_get_error(c.ssl, r)
+    if err == SSL_ERROR_WANT_READ:
+        set_want_out(w, c, 0)
+    elif err == SSL_ERROR_WANT_WRITE:
+        set_want_out(w, c, 1)
+    else:
+        w.tls_errors += 1
+        conn_fail(w, c, now)
+
+cdef void conn_connected(Worker *w, Conn *c, int64_t now) noexcept nogil:
+    """The TCP connection is up (its fd is in the epoll set, EPOLLIN only)."""
+    if w.ssl_ctx == NULL:
+        conn_activate(w, c, now)
+        return
+    c.ssl = SSL_new(w.ssl_ctx)
+    if c.ssl == NULL or SSL_set_fd(c.ssl, c.fd) != 1:
+        w.tls_errors += 1
+        conn_fail(w, c, now)
+        return
+    SSL_set_connect_state(c.ssl)
+    SSL_set_mode(c.ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+    # read_ahead: one recv per burst of records instead of two per record (header,
+    # body); tls_read drains the session to WANT_READ, so nothing stays buffered
+    # inside OpenSSL where level-triggered epoll cannot see it.
+    SSL_set_read_ahead(c.ssl, 1)
+    c.state = ST_HANDSHAKE
+    tls_handshake_step(w, c, now)
+
 cdef void conn_start(Worker *w, Conn *c, int64_t now) noexcept nogil:
     cdef int fd, r, e, one = 1
     fd = socket(w.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -392,7 +510,7 @@ cdef void conn_start(Worker *w, Conn *c, int64_t now) noexcept nogil:
     r = connect(fd, <sockaddr *>&w.addr, w.addrlen)
     if r == 0:
         epoll_set(w, c, EPOLL_CTL_ADD, EPOLLIN)
-        conn_activate(w, c, now)
+        conn_connected(w, c, now)
         return
     e = lg_errno()
     if e == EINPROGRESS:
@@ -404,15 +522,62 @@ cdef void conn_start(Worker *w, Conn *c, int64_t now) noexcept nogil:
     w.connect_errors += 1
     conn_fail(w, c, now)
 
+cdef int verify(Worker *w, Conn *c, uint8_t *p, uint64_t left, int64_t now) noexcept nogil:
+    """Check received bytes against the stream sent; count completed requests. 1: excess bytes."""
+    cdef uint64_t off, seg, ml = <uint64_t>w.msg_len, slot, lat, run
+    cdef const uint8_t *ptr
+    cdef int excess = 0
+    if c.recv_pos + left > c.send_pos:
+        # An echo cannot hold bytes that were never sent.
+        excess = 1
+        left = c.send_pos - c.recv_pos
+    while left > 0:
+        off = c.recv_pos % ml
+        ptr = stream_ptr(w, c, c.recv_pos, &run)
+        seg = left if left < run else run
+        if memcmp(p, ptr, seg) != 0:
+            c.cur_bad = 1
+        c.recv_pos += seg
+        p += seg
+        left -= seg
+        if off + seg == ml:      # (a framed header is its own segment: off + 4 < ml)
+            slot = ((c.recv_pos - 1) // ml) % <uint64_t>w.pipeline
+            if c.cur_bad:
+                w.verify_errors += 1
+                c.cur_bad = 0
+            elif now >= w.win_start and now < w.win_end:
+                lat = <uint64_t>(now - c.t_sent[slot])
+                w.requests += 1
+                c.win_done += 1
+                w.bytes += ml
+                w.lat_sum += lat
+                if lat > w.lat_max:
+                    w.lat_max = lat
+                w.hist[hist_index(lat)] += 1
+            if now < w.win_end:
+                gen_msg(w, c, now)
+    return excess
+
+cdef int tls_read(Worker *w, Conn *c) noexcept nogil:
+    """SSL_read until the session wants more from the socket (see conn_connected)."""
+    cdef int n, err
+    while True:
+        n = SSL_read(c.ssl, w.scratch, SCRATCH_LEN)
+        if n > 0:
+            if verify(w, c, w.scratch, <uint64_t>n, lg_now_ns()):
+                return -2
+            continue
+        err = SSL_get_error(c.ssl, n)
+        if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
+            return 0
+        return -1               # close_notify, EOF, reset or a bad record
+
 cdef int do_read(Worker *w, Conn *c) noexcept nogil:
     """Receive and verify. 0: fine; -1: I/O error or EOF; -2: protocol error (excess bytes)."""
     cdef ssize_t n
     cdef int e, rounds = 0
-    cdef int64_t now
-    cdef uint8_t *p
-    cdef uint64_t left, off, seg, ml = <uint64_t>w.msg_len, slot, lat, run
-    cdef const uint8_t *ptr
-    cdef int excess
+    if c.ssl != NULL:
+        return tls_read(w, c)
     while rounds < 4:
         rounds += 1
         n = recv(c.fd, w.scratch, SCRATCH_LEN, 0)
@@ -425,40 +590,7 @@ cdef int do_read(Worker *w, Conn *c) noexcept nogil:
             if lg_errno_is_again(e):
                 return 0
             return -1
-        now = lg_now_ns()
-        p = w.scratch
-        left = <uint64_t>n
-        excess = 0
-        if c.recv_pos + left > c.send_pos:
-            # An echo cannot hold bytes that were never sent.
-            excess = 1
-            left = c.send_pos - c.recv_pos
-        while left > 0:
-            off = c.recv_pos % ml
-            ptr = stream_ptr(w, c, c.recv_pos, &run)
-            seg = left if left < run else run
-            if memcmp(p, ptr, seg) != 0:
-                c.cur_bad = 1
-            c.recv_pos += seg
-            p += seg
-            left -= seg
-            if off + seg == ml:      # (a framed header is its own segment: off + 4 < ml)
-                slot = ((c.recv_pos - 1) // ml) % <uint64_t>w.pipeline
-                if c.cur_bad:
-                    w.verify_errors += 1
-                    c.cur_bad = 0
-                elif now >= w.win_start and now < w.win_end:
-                    lat = <uint64_t>(now - c.t_sent[slot])
-                    w.requests += 1
-                    c.win_done += 1
-                    w.bytes += ml
-                    w.lat_sum += lat
-                    if lat > w.lat_max:
-                        w.lat_max = lat
-                    w.hist[hist_index(lat)] += 1
-                if now < w.win_end:
-                    gen_msg(w, c, now)
-        if excess:
+        if verify(w, c, w.scratch, <uint64_t>n, lg_now_ns()):
             return -2
         if <size_t>n < SCRATCH_LEN:
             return 0
@@ -490,6 +622,12 @@ cdef void *worker_main(void *arg) noexcept nogil:
 
     while True:
         now = lg_now_ns()
+        if (not started and w.ssl_ctx != NULL and now >= w.ready_at
+                and (lg_atomic_get(w.tls_ready) >= w.total_conns
+                     or now >= w.ready_at + TLS_READY_WAIT_NS)):
+            # every handshake is done (or will not be): the window opens now
+            w.win_start = now
+            w.win_end = now + w.dur_ns
         if not started and now >= w.win_start:
             started = 1
             t_started = now
@@ -510,8 +648,8 @@ cdef void *worker_main(void *arg) noexcept nogil:
         wait_ns = w.win_end - now
         if not started and w.win_start - now < wait_ns:
             wait_ns = w.win_start - now
-        if w.n_idle > 0 and wait_ns > 5000000:
-            wait_ns = 5000000
+        if (w.n_idle > 0 or (not started and w.ssl_ctx != NULL)) and wait_ns > 5000000:
+            wait_ns = 5000000     # (TLS: the window's start is far away until all are ready)
         timeout_ms = 0 if w.spin else <int>(wait_ns // 1000000) + 1
         n = epoll_wait(w.epfd, events, MAX_EVENTS, timeout_ms)
         if n == 0 and w.spin and started:
@@ -536,7 +674,10 @@ cdef void *worker_main(void *arg) noexcept nogil:
                     continue
                 c.want_out = 0
                 epoll_set(w, c, EPOLL_CTL_MOD, EPOLLIN)
-                conn_activate(w, c, lg_now_ns())
+                conn_connected(w, c, lg_now_ns())
+                continue
+            if c.state == ST_HANDSHAKE:
+                tls_handshake_step(w, c, lg_now_ns())
                 continue
             if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
                 r = do_read(w, c)
@@ -564,6 +705,9 @@ cdef void *worker_main(void *arg) noexcept nogil:
         c = &w.conns[i]
         if c.win_done == 0:
             w.starved += 1
+        if c.ssl != NULL:
+            SSL_free(c.ssl)
+            c.ssl = NULL
         if c.fd >= 0:
             close(c.fd)
             c.fd = -1
@@ -626,7 +770,7 @@ def _raise_nofile(int needed):
 
 def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, int size=64,
         double duration=1.0, str mode="echo", int pipeline=1, int threads=1, double warmup=0.5,
-        int notify_fd=-1, bint spin=False, int seed=0x5eed):
+        int notify_fd=-1, bint spin=False, int seed=0x5eed, bint tls=False):
     """Drive an echo or framed server and measure it.
 
     ``connections`` connections are spread over ``threads`` worker threads; each
@@ -639,17 +783,24 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     zero timeout instead of sleeping: the generator never waits to be woken up,
     which takes its own wake-up latency out of the round trip (useful when it
     has a core to itself); its CPU use then reads 100 % and means nothing.
+    ``tls=True`` runs every connection over TLS (an OpenSSL client session,
+    no certificate verification); the window then starts once every
+    connection has finished its handshake, and never later than 10 s after
+    the warm-up.
 
     Returns a dict: ``requests`` (verified replies completed in the window),
     ``seconds`` (window length), ``rps``, ``p50_us``/``p90_us``/``p99_us``/``p999_us``/
     ``max_us``/``mean_us`` (request latency, issue to last reply byte), ``errors``
-    (``verify_errors`` + ``io_errors`` + ``connect_errors``, over the whole run),
+    (``verify_errors`` + ``io_errors`` + ``connect_errors`` + ``tls_errors``, over the whole run),
     ``bytes`` (request bytes echoed back in the window, frame headers included),
     ``client_cpu_s`` (the generator's own CPU time in the window, all threads),
     ``client_busy_s`` (the same less the time spent in empty polls with ``spin``),
     ``connects`` (successful connects, re-dials included), ``starved_connections``
     (connections that completed no request in the window: a stuck server or an
-    unfair one shows here) and the configuration.
+    unfair one shows here), with ``tls``: ``tls_handshakes`` (completed, re-dials
+    included), ``tls_handshakes_in_window`` (0 unless connections were re-dialled
+    during the window) and ``tls_errors`` (failed handshakes; a failed record
+    counts as an I/O error), and the configuration.
     """
     cdef sockaddr_storage addr
     cdef socklen_t addrlen = 0
@@ -669,6 +820,9 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     cdef uint64_t lat_sum = 0, lat_max = 0
     cdef int64_t cpu_ns = 0, measured_ns = 0, spin_idle_ns = 0
     cdef int setup_failed = 0
+    cdef SSL_CTX *ssl_ctx = NULL
+    cdef int tls_ready = 0
+    cdef uint64_t handshakes = 0, hs_in_window = 0, tls_errors = 0
 
     if mode not in ("echo", "framed"):
         raise ValueError("mode must be 'echo' or 'framed'")
@@ -694,12 +848,20 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
     resolve(host, port, unix_path, &addr, &addrlen, &family)
     _raise_nofile(connections + 64)
 
+    if tls:
+        ssl_ctx = SSL_CTX_new(TLS_client_method())
+        if ssl_ctx == NULL:
+            raise MemoryError("SSL_CTX_new failed")
+        SSL_CTX_set_verify(ssl_ctx, SSL_VERIFY_NONE, NULL)   # a benchmark: no PKI
+
     workers = <Worker *>calloc(nthreads, sizeof(Worker))
     allconns = <Conn *>calloc(connections, sizeof(Conn))
     tids = <pthread_t *>calloc(nthreads, sizeof(pthread_t))
     started = <int *>calloc(nthreads, sizeof(int))
     if workers == NULL or allconns == NULL or tids == NULL or started == NULL:
         free(workers); free(allconns); free(tids); free(started)
+        if ssl_ctx != NULL:
+            SSL_CTX_free(ssl_ctx)
         raise MemoryError()
     try:
         # each worker owns a contiguous slice of the connection array
@@ -718,6 +880,9 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             w.addrlen = addrlen
             w.notify_fd = notify_fd if t == 0 else -1
             w.spin = 1 if spin else 0
+            w.ssl_ctx = ssl_ctx
+            w.tls_ready = &tls_ready
+            w.total_conns = connections
             w.epfd = -1
             w.offs_arena = <uint32_t *>malloc(sizeof(uint32_t) * <size_t>(pipeline * w.nconns))
             w.times = <int64_t *>malloc(sizeof(int64_t) * <size_t>(pipeline * w.nconns))
@@ -744,6 +909,12 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
         for t in range(nthreads):
             workers[t].win_start = t0 + <int64_t>(wwarm * 1e9)
             workers[t].win_end = workers[t].win_start + <int64_t>(wdur * 1e9)
+            if tls:
+                # opened by worker_main once every handshake is done (far away until then)
+                workers[t].ready_at = workers[t].win_start
+                workers[t].dur_ns = <int64_t>(wdur * 1e9)
+                workers[t].win_start = t0 + <int64_t>1000000000000000
+                workers[t].win_end = workers[t].win_start
 
         with nogil:
             for t in range(1, nthreads):
@@ -765,6 +936,9 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             ioerr += w.io_errors
             cerr += w.connect_errors
             conns_made += w.connects
+            handshakes += w.handshakes
+            hs_in_window += w.handshakes_in_window
+            tls_errors += w.tls_errors
             starved += w.starved
             lat_sum += w.lat_sum
             if w.lat_max > lat_max:
@@ -789,7 +963,7 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             "p999_us": hist_percentile(hist, requests, 0.999) / 1000.0,
             "max_us": lat_max / 1000.0,
             "mean_us": (lat_sum / requests / 1000.0) if requests else 0.0,
-            "errors": verr + ioerr + cerr,
+            "errors": verr + ioerr + cerr + tls_errors,
             "verify_errors": verr,
             "io_errors": ioerr,
             "connect_errors": cerr,
@@ -803,6 +977,10 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
             "size": size,
             "mode": mode,
             "pipeline": pipeline,
+            "tls": bool(tls),
+            "tls_handshakes": handshakes,
+            "tls_handshakes_in_window": hs_in_window,
+            "tls_errors": tls_errors,
         }
     finally:
         for t in range(nthreads):
@@ -814,3 +992,5 @@ def run(str host="127.0.0.1", int port=0, *, unix_path=None, int connections=1, 
         free(allconns)
         free(tids)
         free(started)
+        if ssl_ctx != NULL:
+            SSL_CTX_free(ssl_ctx)

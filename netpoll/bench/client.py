@@ -3,6 +3,7 @@
 
     python -m netpoll.bench client 127.0.0.1:9000 --conns 16 --size 1024 --duration 5 --mode framed
     python -m netpoll.bench client unix:/tmp/echo.sock --conns 1 --size 64 --duration 2 --pipeline 8
+    python -m netpoll.bench client 127.0.0.1:9443 --tls --conns 16 --size 1024
 
 Every connection does ping-pong (or keeps ``--pipeline`` requests in flight),
 every echoed byte is verified, latencies go into a histogram. Prints the result
@@ -86,6 +87,9 @@ def main(argv=None):
                     help="write b'S' at the start and b'E' at the end of the measured window to this fd")
     ap.add_argument("--spin", action="store_true",
                     help="busy-poll instead of sleeping in epoll_wait (takes the generator's wake-ups out of the latency)")
+    ap.add_argument("--tls", action="store_true",
+                    help="TLS on every connection (OpenSSL, no certificate verification); the window "
+                         "starts once every handshake is done")
     ap.add_argument("--pretty", action="store_true", help="indent the JSON")
     ap.add_argument("--check", action="store_true", help="only load the generator and print where it is")
     args = ap.parse_args(argv)
@@ -98,7 +102,7 @@ def main(argv=None):
     result = loadgen.run(
         host or "127.0.0.1", port, unix_path=unix_path, connections=args.conns, size=args.size,
         duration=args.duration, mode=args.mode, pipeline=args.pipeline, threads=args.threads,
-        warmup=args.warmup, notify_fd=args.notify_fd, spin=args.spin,
+        warmup=args.warmup, notify_fd=args.notify_fd, spin=args.spin, tls=args.tls,
     )
     json.dump(result, sys.stdout, indent=2 if args.pretty else None)
     sys.stdout.write("\n")

@@ -8,6 +8,7 @@ generator.
     python -m netpoll.bench --modes framed --sizes 1024 --conns 100 --duration 5
     python -m netpoll.bench --json results.json --plot results.png
     python -m netpoll.bench --idle-rss 10000                  # memory per idle connection
+    python -m netpoll.bench --tls --also-plain --modes echo   # TLS echo, then the same matrix in plain TCP
     python -m netpoll.bench client 127.0.0.1:9000 --conns 16  # the load generator alone
 
 Every measurement starts a fresh server process (``taskset -c SERVER_CPU`` when
@@ -18,6 +19,12 @@ the generator's measured window (it writes a byte to a pipe at both moments).
 Servers are alternated within each cell, repeated ``--repeat`` times, and the
 median is reported. Every process started here is ended by PID (SIGTERM, then
 SIGKILL) whatever happens. Linux only (/proc).
+
+``--tls``: every server serves TLS (a certificate for 127.0.0.1 made at run
+time into a temporary directory, see tlscerts.py) and the load generator runs
+an OpenSSL client session per connection; its measured window opens once every
+handshake is done, so the figures are the record layer's alone. The C
+reference server has no TLS and is left out.
 
 Columns: req/s; p50 and p99 latency; the server's CPU time per request (the
 fairest figure on a shared machine); the server's and the load generator's
@@ -126,7 +133,7 @@ def raise_nofile(needed):
 class Server:
     """One server process: started, READY read, CPU and RSS sampled, terminated."""
 
-    def __init__(self, name, mode, cpu):
+    def __init__(self, name, mode, cpu, tls_files=None):
         script, extra = SERVERS[name][:2]
         tree = SERVERS[name][2] if len(SERVERS[name]) > 2 else None
         self.name = name
@@ -139,6 +146,8 @@ class Server:
             self.env = dict(os.environ, PYTHONPATH=tree)
         self.cmd = pin_prefix(cpu) + [sys.executable, os.path.join(sdir, script),
                                       "--mode", mode, "--port", "0"] + extra
+        if tls_files is not None:
+            self.cmd += ["--tls", tls_files[0], tls_files[1]]
         self.proc = None
         self.port = None
         self.stderr = tempfile.TemporaryFile()
@@ -219,11 +228,11 @@ def wait_byte(fd, timeout):
     return os.read(fd, 1)
 
 
-def measure(name, mode, size, conns, args, pinned):
+def measure(name, mode, size, conns, args, pinned, tls=False):
     """Run one server against the load generator once. Returns a dict (``ok`` False on failure)."""
     server_cpu = args.server_cpu if pinned else None
     lg_cpu = args.lg_cpu if pinned else None
-    srv = Server(name, mode, server_cpu)
+    srv = Server(name, mode, server_cpu, args.tls_files if tls else None)
     lg = None
     rfd = wfd = -1
     idle = []
@@ -241,7 +250,7 @@ def measure(name, mode, size, conns, args, pinned):
             sys.executable, LOADGEN_CLI, f"127.0.0.1:{srv.port}", "--conns", str(conns),
             "--size", str(size), "--duration", str(args.duration), "--warmup", str(args.warmup),
             "--mode", mode, "--pipeline", str(args.pipeline), "--threads", str(args.lg_threads),
-            "--notify-fd", str(wfd)] + (["--spin"] if args.lg_spin else [])
+            "--notify-fd", str(wfd)] + (["--spin"] if args.lg_spin else []) + (["--tls"] if tls else [])
         lg = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, pass_fds=(wfd,))
         _live[lg.pid] = lg
@@ -249,6 +258,7 @@ def measure(name, mode, size, conns, args, pinned):
         wfd = -1
         budget = args.warmup + args.duration + 30.0
         t_start = time.monotonic()
+        # (TLS: the generator opens its window up to 10 s late, once every handshake is done)
         mark = wait_byte(rfd, args.warmup + 30.0)
         if mark != b"S":
             raise ServerFailed("load generator did not start its window" + lg_tail(lg))
@@ -374,14 +384,14 @@ class Progress:
             sys.stderr.flush()
 
 
-def run_matrix(args, pinned, results, out_rows, progress):
+def run_matrix(args, pinned, results, out_rows, progress, tls=False):
     servers = args.servers
     start_failures = {}      # (server, mode) -> consecutive start failures
     for mode in args.modes:
         for size in args.sizes:
             for conns in args.conns:
                 cell = {"pinned": pinned, "mode": mode, "size": size, "conns": conns,
-                        "idle": args.idle_conns}
+                        "idle": args.idle_conns, "tls": tls}
                 runs = {name: [] for name in servers}
                 for rep in range(args.repeat):
                     k = rep % len(servers)
@@ -396,7 +406,7 @@ def run_matrix(args, pinned, results, out_rows, progress):
                                                   if key in results["start_errors"] else "")})
                             continue
                         progress.show(f"{label(cell)} {name} (run {rep + 1} of {args.repeat})")
-                        res = measure(name, mode, size, conns, args, pinned)
+                        res = measure(name, mode, size, conns, args, pinned, tls)
                         progress.step()
                         reason = res.get("reason", "")
                         if res.get("start_failed"):
@@ -428,7 +438,8 @@ def label(cell):
     size_s = f"{size // 1024}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
     pin = "pinned" if cell["pinned"] else "unpinned"
     idle = f"+{cell['idle']}idle" if cell.get("idle") else ""
-    return f"{cell['mode']}/{size_s}/{cell['conns']}c{idle}/{pin}"
+    tls = "tls-" if cell.get("tls") else ""
+    return f"{tls}{cell['mode']}/{size_s}/{cell['conns']}c{idle}/{pin}"
 
 
 def fmt(v, spec, missing="-"):
@@ -584,6 +595,12 @@ def main(argv=None):
                     help="pin the server and the load generator to one core each with taskset "
                          "(default when two cores or more are allowed)")
     ap.add_argument("--also-unpinned", action="store_true", help="then run the same matrix unpinned")
+    ap.add_argument("--tls", action="store_true",
+                    help="TLS echo/framed: every server with ssl=, the load generator with OpenSSL "
+                         "(certificate made at run time); the C reference server is left out")
+    ap.add_argument("--also-plain", action="store_true",
+                    help="with --tls: then run the same matrix over plain TCP (the TLS/plain ratios "
+                         "from one session)")
     ap.add_argument("--server-cpu", type=int, default=None, help="core for the server (default: first allowed)")
     ap.add_argument("--lg-cpu", type=int, default=None, help="core for the load generator (default: second allowed)")
     ap.add_argument("--idle-rss", type=int, default=0, metavar="N",
@@ -609,8 +626,12 @@ def main(argv=None):
             ap.error(f"--baseline {tree}: not a netpoll checkout with bench servers")
         SERVERS["base-inline"] = ("netpoll_server.py", ["--runner", "inline"], tree)
         SERVERS["base-pool"] = ("netpoll_server.py", ["--runner", "pool"], tree)
+    if args.also_plain and not args.tls:
+        ap.error("--also-plain goes with --tls")
+    if args.tls and args.idle_rss:
+        ap.error("--idle-rss measures plain connections: drop --tls")
     if args.servers is None:
-        args.servers = available_servers()
+        args.servers = [s for s in available_servers() if not (args.tls and s == "c-epoll")]
         if args.baseline:
             args.servers += ["base-inline", "base-pool"]
 
@@ -665,6 +686,7 @@ def main(argv=None):
             "duration": args.duration, "warmup": args.warmup, "repeat": args.repeat,
             "pipeline": args.pipeline, "idle_conns": args.idle_conns, "lg_threads": args.lg_threads, "lg_spin": args.lg_spin,
             "server_cpu": args.server_cpu, "lg_cpu": args.lg_cpu,
+            "tls": args.tls, "also_plain": args.also_plain, "openssl": openssl_version(),
         },
         "cells": [],
         "start_errors": {},
@@ -681,21 +703,33 @@ def main(argv=None):
         print(f"warning: the machine is {busy:.0%} busy before the benchmark starts: "
               "other processes will share the cores and the figures will be noisy", file=sys.stderr)
     rows = []
+    certdir = None
+    args.tls_files = None
     try:
+        if args.tls:
+            certdir = tempfile.mkdtemp(prefix="netpoll-bench-tls-")
+            from netpoll.bench.tlscerts import make_cert
+            args.tls_files = make_cert(certdir)
         if args.idle_rss:
             idle_rss(args, results)
         else:
-            passes = 2 if (args.also_unpinned and args.pin) else 1
-            progress = Progress(passes * len(args.modes) * len(args.sizes) * len(args.conns)
+            # (tls, pinned) of each pass over the matrix
+            passes = [(args.tls, args.pin)]
+            if args.also_unpinned and args.pin:
+                passes.append((args.tls, False))
+            if args.also_plain:
+                passes += [(False, pin) for _, pin in passes]
+            progress = Progress(len(passes) * len(args.modes) * len(args.sizes) * len(args.conns)
                                 * args.repeat * len(args.servers))
             print(HEADER, flush=True)
-            run_matrix(args, args.pin, results, rows, progress)
-            if passes == 2:
-                run_matrix(args, False, results, rows, progress)
+            for tls, pinned in passes:
+                run_matrix(args, pinned, results, rows, progress, tls)
     except KeyboardInterrupt:
         print("\ninterrupted: partial results", file=sys.stderr)
     finally:
         terminate_all()
+        if certdir is not None:
+            shutil.rmtree(certdir, ignore_errors=True)
         results["meta"]["loadavg_end"] = os.getloadavg()
         results["start_errors"] = {f"{k[0]}/{k[1]}": v for k, v in results["start_errors"].items()}
         if args.json:
@@ -752,6 +786,14 @@ def machine_busy(seconds=1.0):
     except (OSError, ValueError, IndexError):
         return None
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def openssl_version():
+    try:
+        import ssl
+        return ssl.OPENSSL_VERSION
+    except ImportError:
+        return None
 
 
 def cpu_model():

@@ -3,10 +3,12 @@
 
     python netpoll/bench/servers/asyncio_server.py --mode echo --port 0 [--uvloop]
     python netpoll/bench/servers/asyncio_server.py --mode framed --unix /tmp/x.sock
+    python netpoll/bench/servers/asyncio_server.py --mode echo --uvloop --tls CERT KEY
 
 Protocol-based, the fast asyncio style: ``data_received`` + ``transport.write``.
 ``framed``: 4-byte big-endian length + body; each complete frame is answered
-with the same frame. Prints ``READY <port>`` (or ``READY <path>``) once listening.
+with the same frame. ``--tls``: ``create_server(ssl=ctx)`` (the loop's own TLS:
+asyncio's sslproto, which uvloop uses too). Prints ``READY <port>`` (or ``READY <path>``) once listening.
 SIGTERM/SIGINT stop it.
 """
 import asyncio
@@ -14,7 +16,7 @@ import os
 import signal
 import sys
 
-from common import base_parser, raise_nofile
+from common import base_parser, raise_nofile, server_context
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -68,16 +70,17 @@ class FramedProtocol(asyncio.Protocol):
 async def serve(args):
     loop = asyncio.get_running_loop()
     factory = EchoProtocol if args.mode == "echo" else FramedProtocol
+    ctx = server_context(args)
     if args.unix:
         try:
             os.unlink(args.unix)
         except FileNotFoundError:
             pass
-        server = await loop.create_unix_server(factory, args.unix, backlog=args.backlog)
+        server = await loop.create_unix_server(factory, args.unix, backlog=args.backlog, ssl=ctx)
         where = args.unix
     else:
         server = await loop.create_server(factory, args.host, args.port, backlog=args.backlog,
-                                          reuse_address=True)
+                                          reuse_address=True, ssl=ctx)
         where = server.sockets[0].getsockname()[1]
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -43,6 +43,9 @@ def main(argv=None):
     if args.unix:
         print("FAILED the C reference server listens on TCP only", flush=True)
         return 1
+    if args.tls:
+        print("FAILED the C reference server has no TLS", flush=True)
+        return 1
     try:
         binary = build()
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:

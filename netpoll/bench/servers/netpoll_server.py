@@ -3,9 +3,11 @@
 
     python netpoll/bench/servers/netpoll_server.py --mode echo --runner inline --port 0
     python netpoll/bench/servers/netpoll_server.py --mode framed --runner pool --unix /tmp/x.sock
+    python netpoll/bench/servers/netpoll_server.py --mode echo --runner inline --tls CERT KEY
 
 Written against the public API of shared/DESIGN.md: ``create_listener`` +
-``EventLoop(on_request, runner=...)`` + ``serve``. Both handlers are in the
+``EventLoop(on_request, runner=...)`` + ``serve``; with ``--tls`` the listener
+gets ``ssl=`` (an ``ssl.SSLContext``) and the handlers, unchanged, see plaintext. Both handlers are in the
 parse-what-is-there style, so they work on every runner: they consume what is
 complete and return; the loop calls them again when more bytes arrive.
 
@@ -20,7 +22,7 @@ import sys
 import threading
 import traceback
 
-from common import base_parser, raise_nofile
+from common import base_parser, raise_nofile, server_context
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))   # above netpoll/
@@ -96,10 +98,10 @@ def main(argv=None):
                 os.unlink(args.unix)
             except FileNotFoundError:
                 pass
-            listener = netpoll.create_listener("unix", args.unix)
+            listener = netpoll.create_listener("unix", args.unix, ssl=server_context(args))
         else:
             host = f"[{args.host}]" if ":" in args.host else args.host
-            listener = netpoll.create_listener("tcp", f"{host}:{args.port}")
+            listener = netpoll.create_listener("tcp", f"{host}:{args.port}", ssl=server_context(args))
         handler = on_request_echo if args.mode == "echo" else on_request_framed
         loop = netpoll.EventLoop(handler, runner=args.runner)
         addr = listener.addr

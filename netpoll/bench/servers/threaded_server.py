@@ -3,10 +3,13 @@
 
     python netpoll/bench/servers/threaded_server.py --mode echo --port 0
     python netpoll/bench/servers/threaded_server.py --mode framed --unix /tmp/x.sock
+    python netpoll/bench/servers/threaded_server.py --mode echo --tls CERT KEY
 
 Blocking sockets: ``recv`` + ``sendall`` for echo; for ``framed`` (4-byte
 big-endian length + body) exact reads with ``recv_into`` into one reusable
-buffer, and the whole frame sent back with one ``sendall``. Prints
+buffer, and the whole frame sent back with one ``sendall``. ``--tls``: each
+connection's thread wraps its socket with ``SSLContext.wrap_socket`` (the
+handshake runs in that thread, not in the accept loop). Prints
 ``READY <port>`` (or ``READY <path>``) once listening. SIGTERM/SIGINT stop it.
 """
 import os
@@ -15,7 +18,7 @@ import socket
 import sys
 import threading
 
-from common import base_parser, raise_nofile
+from common import base_parser, raise_nofile, server_context
 
 
 def handle_echo(sock):
@@ -70,6 +73,18 @@ def handle_framed(sock):
         sock.close()
 
 
+def tls_handler(ctx, handler):
+    """handler, run on the TLS session of the socket (handshake in the connection's thread)."""
+    def run(sock):
+        try:
+            tls = ctx.wrap_socket(sock, server_side=True)
+        except OSError:             # ssl.SSLError is one: a failed handshake ends this connection
+            sock.close()
+            return
+        handler(tls)
+    return run
+
+
 def main(argv=None):
     ap = base_parser(__doc__)
     ap.add_argument("--backlog", type=int, default=4096)
@@ -92,6 +107,9 @@ def main(argv=None):
         where = lsock.getsockname()[1]
     lsock.listen(args.backlog)
     handler = handle_echo if args.mode == "echo" else handle_framed
+    ctx = server_context(args)
+    if ctx is not None:
+        handler = tls_handler(ctx, handler)
     tcp = lsock.family != socket.AF_UNIX
     sys.stdout.write(f"READY {where}\n")
     sys.stdout.flush()
