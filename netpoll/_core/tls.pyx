@@ -35,7 +35,8 @@ from netpoll._core.includes.openssl cimport (
     BIO_TYPE_SOURCE_SINK, BIO_CTRL_FLUSH, BIO_get_new_index, BIO_meth_new, BIO_meth_set_write,
     BIO_meth_set_read, BIO_meth_set_ctrl, BIO_meth_set_create, BIO_new, BIO_set_data,
     BIO_get_data, BIO_set_init, BIO_set_retry_read, BIO_set_retry_write, BIO_clear_retry_flags,
-    ERR_get_error, ERR_clear_error, ERR_error_string_n, OpenSSL_version_num, OPENSSL_free,
+    ERR_get_error, ERR_peek_error, ERR_clear_error, ERR_error_string_n, OpenSSL_version_num,
+    OPENSSL_free,
     np_SSL_get1_peer_certificate, np_SSL_set_options, np_SSL_CTX_get_options,
 )
 from netpoll._core.includes.system cimport (
@@ -137,6 +138,16 @@ cdef BIO_METHOD *_bio_method = _new_bio_method()
 
 # ------------------------------------------------------- the session (C)
 
+cdef inline void _clear_errors() noexcept nogil:
+    # SSL_get_error() reads this thread's error queue, which must be empty
+    # before the call it explains; another user of OpenSSL on this thread
+    # (Python's ssl module) may have left something there. Peeking is much
+    # cheaper than ERR_clear_error() on OpenSSL 3, and the queue is nearly
+    # always empty.
+    if ERR_peek_error() != 0:
+        ERR_clear_error()
+
+
 cdef void _fail_locked(np_tls_t *t, int ssl_error) noexcept nogil:
     """Record why the session failed (lock held): the first queued OpenSSL
     error, or the socket error, or an EOF in the middle of the protocol."""
@@ -163,7 +174,7 @@ cdef int np_tls_handshake(np_tls_t *t) noexcept nogil:
     if t.failed:
         pthread_mutex_unlock(&t.lock)
         return TLS_FAILED
-    ERR_clear_error()
+    _clear_errors()
     r = SSL_do_handshake(t.ssl)
     if r == 1:
         pthread_mutex_unlock(&t.lock)
@@ -190,7 +201,7 @@ cdef ssize_t np_tls_recv(np_tls_t *t, char *buf, size_t n) noexcept nogil:
         pthread_mutex_unlock(&t.lock)
         np_set_errno(EPROTO)
         return -1
-    ERR_clear_error()
+    _clear_errors()
     r = SSL_read(t.ssl, buf, <int>n)
     if r > 0:
         pthread_mutex_unlock(&t.lock)
@@ -223,7 +234,7 @@ cdef ssize_t np_tls_recv(np_tls_t *t, char *buf, size_t n) noexcept nogil:
 cdef inline int _write_locked(np_tls_t *t, const char *p, size_t n) noexcept nogil:
     """One SSL_write: > 0 bytes taken, 0 would block, -errno."""
     cdef int r, e
-    ERR_clear_error()
+    _clear_errors()
     r = SSL_write(t.ssl, p, <int>n)
     if r > 0:
         return r
@@ -296,7 +307,7 @@ cdef int np_tls_close_notify(np_tls_t *t) noexcept nogil:
         t.notify_sent = 1        # nothing (more) can be sent: done either way
         pthread_mutex_unlock(&t.lock)
         return 0
-    ERR_clear_error()
+    _clear_errors()
     r = SSL_shutdown(t.ssl)
     if r >= 0:
         t.notify_sent = 1        # 0: sent, the peer's not seen yet; 1: both

@@ -97,6 +97,7 @@ cdef extern from "<openssl/bio.h>" nogil:
 
 cdef extern from "<openssl/err.h>" nogil:
     unsigned long ERR_get_error()
+    unsigned long ERR_peek_error()
     unsigned long ERR_peek_last_error()
     void ERR_clear_error()
     void ERR_error_string_n(unsigned long e, char *buf, size_t len)
