@@ -42,6 +42,7 @@ if __name__ == "__main__" and _serving("gevent", sys.argv):
     monkey.patch_all()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
@@ -356,6 +357,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write every run (not only the medians) to PATH")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--lg-cpu", type=int, default=1,
                     help="the load generator's core (and the downstream server's)")
@@ -377,7 +380,8 @@ def main(argv=None):
             servers.remove(name)
     conns_list = [int(c) for c in args.conns.split(",")]
     driver.raise_nofile(2 * max(conns_list) + 256)
-    print(f"load average at the start: {os.getloadavg()}", file=sys.stderr)
+    load_start = os.getloadavg()
+    print(f"load average at the start: {load_start}", file=sys.stderr)
     rows = []
     ds_proc = None
     ds_marks = []
@@ -425,7 +429,14 @@ def main(argv=None):
         if ds_proc is not None:
             driver.terminate(ds_proc)
         driver.terminate_all()
-    print(f"load average at the end: {os.getloadavg()}", file=sys.stderr)
+    load_end = os.getloadavg()
+    print(f"load average at the end: {load_end}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv[1:], "call": args.call, "load_start": load_start,
+                       "load_end": load_end,
+                       "runs": [{"conns": c, "server": n, "runs": runs or []}
+                                for c, n, runs in rows]}, f, indent=1)
     call = (f"time.sleep({DELAY})" if args.call == "sleep"
             else f"a round trip to a downstream server answering after {DELAY * 1000:g} ms")
     print(f"\nblocking handler: {call} per request, 64 B echo, "
