@@ -10,6 +10,7 @@ blocking call of 1 ms, then echoes the request.
 Servers (each its own process; this file serves them with --serve KIND):
   netpoll-auto   EventLoop(runner="auto")
   netpoll-pool   EventLoop(runner="pool") (16 workers unless NETPOLL_POOL_SIZE)
+                 (NETPOLL_HANDOFF_THRESHOLD, in seconds, sets configure(handoff_threshold=))
   threaded       a thread per connection: recv, the call, sendall
   asyncio        asyncio streams: await reader.read(), await the call
   uvloop         the same on uvloop
@@ -91,6 +92,8 @@ def serve_netpoll(args, runner):
     import netpoll
     if os.environ.get("NETPOLL_POOL_SIZE"):
         netpoll.configure(pool_size=int(os.environ["NETPOLL_POOL_SIZE"]))
+    if os.environ.get("NETPOLL_HANDOFF_THRESHOLD"):     # seconds, runner "auto"
+        netpoll.configure(handoff_threshold=float(os.environ["NETPOLL_HANDOFF_THRESHOLD"]))
     ds_addr = _downstream(args)
 
     def handler(ctx, conn):
@@ -129,7 +132,13 @@ def serve_netpoll(args, runner):
     if ds_addr is None:
         loop = netpoll.EventLoop(handler, runner=runner)
     else:
-        dialer = netpoll.Dialer()
+        # The Dialer's runner is the server's: a blocking read or flush on a
+        # connection hands polling off (runner "auto") only when that
+        # connection is itself "auto"; a default Dialer() (runner "pool")
+        # read from an auto handler blocks its poller until the monitor
+        # notices. NETPOLL_DIALER_RUNNER=default measures that Dialer().
+        ds_runner = os.environ.get("NETPOLL_DIALER_RUNNER", runner)
+        dialer = netpoll.Dialer(runner=None if ds_runner == "default" else ds_runner)
         loop = netpoll.EventLoop(handler_downstream, on_connect=on_connect,
                                  on_disconnect=on_disconnect, runner=runner)
     threading.Timer(0.2, _ready, (lst.addr[1],)).start()
