@@ -6,6 +6,8 @@ blocking call of 1 ms, then echoes the request.
     python bench/bench_blocking.py --conns 256 --duration 5 --repeat 3
     python bench/bench_blocking.py --servers netpoll-auto,threaded --no-pin
     python bench/bench_blocking.py --call downstream     # a real downstream server
+    python bench/bench_blocking.py --call sleep --json a.json; ... b.json
+    python bench/bench_blocking.py --merge a.json b.json # one table from both
 
 Servers (each its own process; this file serves them with --serve KIND):
   netpoll-auto   EventLoop(runner="auto")
@@ -446,34 +448,61 @@ def main(argv=None):
                        "load_end": load_end,
                        "runs": [{"conns": c, "server": n, "runs": runs or []}
                                 for c, n, runs in rows]}, f, indent=1)
-    call = (f"time.sleep({DELAY})" if args.call == "sleep"
+    print_table(rows, args.call, f"{'pinned' if args.pin else 'unpinned'}, "
+                f"{args.duration:g} s x {args.repeat}")
+
+
+def print_table(rows, call, how):
+    """rows: (conns, server, runs or None). Each column is the median over the runs."""
+    import statistics
+    what = (f"time.sleep({DELAY})" if call == "sleep"
             else f"a round trip to a downstream server answering after {DELAY * 1000:g} ms")
-    print(f"\nblocking handler: {call} per request, 64 B echo, "
-          f"{'pinned' if args.pin else 'unpinned'}, {args.duration:g} s x {args.repeat}, "
-          "median run by req/s")
-    ds = args.call == "downstream"
-    print("| conns | server | req/s | req/s runs | p50 µs | p99 µs | server CPU µs/req "
+    print(f"\nblocking handler: {what} per request, 64 B echo, {how}, "
+          "medians over the runs")
+    ds = call == "downstream"
+    print("| conns | server | req/s | req/s min-max (runs) | p50 µs | p99 µs | server CPU µs/req "
           "| server CPU % | lg CPU %" + (" | downstream CPU %" if ds else "") + " |")
     print("|---:|---|---:|---|---:|---:|---:|---:|---:" + ("|---:" if ds else "") + "|")
 
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.0f}"
+    def med(runs, key, fmt, scale=1):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return format(statistics.median(vals) * scale, fmt) if vals else "-"
 
     for conns, name, runs in rows:
-        if runs is None:
+        if not runs:
             print(f"| {conns} | {name} | failed | | | | | | " + ("| " if ds else "") + "|")
             continue
-        med = runs[len(runs) // 2]
-        cpu = med.get("cpu_us_per_req")
-        spread = "-".join(f"{r['rps'] / 1000:.1f}k" for r in (runs[0], runs[-1]))
-        print(f"| {conns} | {name} | {med['rps']:,.0f} | {spread} | {med['p50_us']:,.0f} | "
-              f"{med['p99_us']:,.0f} | {'-' if cpu is None else f'{cpu:.1f}'} | "
-              f"{pct(med.get('server_cpu_util'))} | {pct(med.get('client_cpu_util'))} |"
-              + (f" {pct(med.get('ds_util'))} |" if ds else ""))
+        rps = [r["rps"] for r in runs]
+        print(f"| {conns} | {name} | {med(runs, 'rps', ',.0f')} | "
+              f"{min(rps) / 1000:.1f}k-{max(rps) / 1000:.1f}k ({len(runs)}) | "
+              f"{med(runs, 'p50_us', ',.0f')} | {med(runs, 'p99_us', ',.0f')} | "
+              f"{med(runs, 'cpu_us_per_req', '.1f')} | "
+              f"{med(runs, 'server_cpu_util', '.0f', 100)} | "
+              f"{med(runs, 'client_cpu_util', '.0f', 100)} |"
+              + (f" {med(runs, 'ds_util', '.0f', 100)} |" if ds else ""))
 
+
+def merge(paths):
+    """--merge: one table from the runs of several --json files (one --call)."""
+    rows = {}
+    calls = set()
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        calls.add(data["call"])
+        for row in data["runs"]:
+            rows.setdefault((row["conns"], row["server"]), []).extend(row["runs"])
+    if len(calls) != 1:
+        raise SystemExit(f"--merge: the files mix calls {sorted(calls)}")
+    order = KINDS + ["netpoll-inline"]
+    keyed = sorted(rows, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+    print_table([(c, n, rows[(c, n)]) for c, n in keyed], calls.pop(),
+                f"{len(paths)} invocations merged")
 
 if __name__ == "__main__":
     if "--serve" in sys.argv:
         serve(sys.argv[1:])
+    elif sys.argv[1:2] == ["--merge"]:
+        merge(sys.argv[2:])
     else:
         main()
