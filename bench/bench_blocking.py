@@ -12,7 +12,6 @@ blocking call of 1 ms, then echoes the request.
 Servers (each its own process; this file serves them with --serve KIND):
   netpoll-auto   EventLoop(runner="auto")
   netpoll-pool   EventLoop(runner="pool") (16 workers unless NETPOLL_POOL_SIZE)
-                 (NETPOLL_HANDOFF_THRESHOLD, in seconds, sets configure(handoff_threshold=))
   threaded       a thread per connection: recv, the call, sendall
   asyncio        asyncio streams: await reader.read(), await the call
   uvloop         the same on uvloop
@@ -24,9 +23,13 @@ The call (--call):
                  once and used by every server under test, pinned beside the
                  load generator). Each client connection gets its own
                  downstream connection: netpoll dials it with a netpoll
-                 Dialer in on_connect and uses a blocking flush() +
-                 reader.next(); threaded and gevent use a (patched) blocking
-                 socket; asyncio/uvloop await an asyncio stream.
+                 Dialer(runner=<the server's runner>) in on_connect and uses a
+                 blocking flush() + reader.next(); threaded and gevent use a
+                 (patched) blocking socket; asyncio/uvloop await an asyncio
+                 stream.
+Environment, netpoll servers: NETPOLL_POOL_SIZE, NETPOLL_HANDOFF_THRESHOLD
+(seconds, configure(handoff_threshold=)), NETPOLL_DIALER_RUNNER ("default":
+a plain Dialer(), or a runner name for the downstream connections).
 The native load generator and the measurement (server CPU from /proc, the
 load generator's window marks) are those of ``python -m netpoll.bench``
 (netpoll/bench/driver.py, ``measure``). Reports req/s, p50/p99 latency and
@@ -34,6 +37,7 @@ server CPU per request; 64 B echo, one request in flight per connection.
 """
 # ruff: noqa: T201 - a command-line benchmark: its report is printed
 import sys
+
 
 def _serving(kind, argv):
     return any(a == "--serve" and b == kind for a, b in zip(argv, argv[1:]))
