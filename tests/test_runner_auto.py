@@ -86,12 +86,30 @@ def _rtt_probe(sock: socket.socket, until: threading.Event, limit: float = 3.0):
     return rtts
 
 
-@pytest.mark.parametrize("how", ["sleep", "socket", "next"])
+def _downstream(release: threading.Event):
+    """A server that answers one b"q" with b"!" once `release` is set."""
+    lst = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        c, _ = lst.accept()
+        with c:
+            c.settimeout(10.0)
+            assert c.recv(1) == b"q"
+            release.wait(10.0)
+            c.sendall(b"!")
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return lst, t
+
+
+@pytest.mark.parametrize("how", ["sleep", "socket", "next", "dialer"])
 def test_blocking_handler_does_not_stall_others(make_server, how):
     started = threading.Event()
     finished = threading.Event()
     side_a, side_b = socket.socketpair()
     side_a.settimeout(5.0)
+    release = threading.Event()
+    downstream, served = _downstream(release) if how == "dialer" else (None, None)
 
     def handler(ctx, conn):
         head = bytes(conn.reader.next(1))
@@ -101,6 +119,14 @@ def test_blocking_handler_does_not_stall_others(make_server, how):
                 time.sleep(0.2)
             elif how == "socket":
                 assert side_a.recv(1) == b"!"        # blocks until the test writes
+            elif how == "dialer":
+                # A blocking call over a plain Dialer connection (runner
+                # "pool", on this same poller): the auto handler must give
+                # its poller up, not read the downstream socket itself.
+                d = netpoll.dial_connection("tcp", downstream.getsockname(), timeout=5.0)
+                d.write(b"q")
+                assert d.reader.next(1) == b"!"
+                d.close()
             else:
                 conn.reader.next(4)                 # the slow peer's next bytes
             finished.set()
@@ -131,12 +157,17 @@ def test_blocking_handler_does_not_stall_others(make_server, how):
         assert not finished.is_set()
         if how == "socket":
             side_b.sendall(b"!")
+        elif how == "dialer":
+            release.set()
         else:
             a.sendall(b"slow")
     blocked_for = time.monotonic() - t_start
     assert recv_exact(a, 4) == b"done"
     side_a.close()
     side_b.close()
+    if downstream is not None:
+        served.join(5.0)
+        downstream.close()
     assert blocked_for >= 0.15
     # Served throughout, not once the handler returned.
     assert len(rtts) >= 10, (len(rtts), blocked_for)

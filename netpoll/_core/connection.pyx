@@ -38,8 +38,8 @@ from netpoll._core.poller cimport (
     np_op_incref, np_op_decref, np_op_submit, np_op_set_interest_locked, np_op_close_fd,
     np_op_gil, np_op_defer, np_poller_timer_push, np_on_poller_thread, np_on_any_poller,
     np_poller_kick, np_poller_wake_ack, np_poller_set_tick,
-    np_poller_abdicate, np_poller_busy_begin, np_poller_busy_end, np_poller_busy_pause,
-    np_poller_busy_resume,
+    np_poller_abdicate, np_poller_abdicate_busy, np_poller_busy_begin, np_poller_busy_end,
+    np_poller_busy_pause, np_poller_busy_resume,
     OF_REGISTERED, OF_FD_CLOSED, T_REGISTER, T_TEARDOWN, T_FORCE, T_ARM_IDLE, T_RESUME,
     T_PROCESS, GR_EVENT, GR_TEARDOWN,
 )
@@ -908,6 +908,10 @@ cdef class ConnReader(LinkBuffer):
         if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
             # Polling passes to a standby, which reads the socket for us.
             np_poller_abdicate(c.op.poller)
+        elif c.run_mode != RUN_AUTO:
+            # A runner="auto" handler waiting on another kind of connection
+            # (a Dialer's) gives its poller up all the same.
+            np_poller_abdicate_busy()
         if np_on_poller_thread(c.op.poller):
             # Inline handler: nobody else will read this socket, so read it here.
             busy = np_poller_busy_pause(c.op.poller)
@@ -1026,7 +1030,7 @@ cdef class ConnWriter(LinkBuffer):
             if np_lb_readable(c.outbuf) <= limit:
                 np_op_defer(c.op.poller, &c.op)
                 return 0
-            if c.run_mode != RUN_AUTO:
+            if c.run_mode != RUN_AUTO and not np_poller_abdicate_busy():
                 deadline = _deadline(c.write_timeout_ns)
                 # (An auto handler of this poller may be the caller: no
                 # hand-off while this thread still acts as the poller.)
@@ -1054,6 +1058,8 @@ cdef class ConnWriter(LinkBuffer):
         pthread_mutex_unlock(&c.op.lock)
         if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
             np_poller_abdicate(c.op.poller)
+        elif c.run_mode != RUN_AUTO:
+            np_poller_abdicate_busy()      # see _need_by
         if np_on_any_poller():
             # Another poller's inline handler: never wait for this
             # connection's poller (it may be waiting for ours). Leave up to

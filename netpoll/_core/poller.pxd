@@ -209,6 +209,10 @@ cdef inline bint np_on_poller_thread(np_poller_t *p) noexcept nogil:
 # blocking calls) or before a handler known to block. True if a standby was
 # found: this thread no longer leads p (np_on_poller_thread is false).
 cdef bint np_poller_abdicate(np_poller_t *p) noexcept
+# The same for the poller this thread leads, if it is running a runner="auto"
+# handler there now: before a wait on a connection of another runner (a
+# Dialer's, say) that such a handler makes.
+cdef bint np_poller_abdicate_busy() noexcept
 # Around an auto handler run on the leader: lets the monitor hand p to a
 # standby when the handler runs past the threshold. Returns the start time.
 cdef int64_t np_poller_busy_begin(np_poller_t *p) noexcept

@@ -705,6 +705,13 @@ cdef bint np_poller_abdicate(np_poller_t *p) noexcept:
     return True
 
 
+cdef bint np_poller_abdicate_busy() noexcept:
+    cdef np_poller_t *p = <np_poller_t *>np__lead
+    if p == NULL or not p.handoff or np__load64(&p.busy_since) == 0:
+        return False
+    return np_poller_abdicate(p)
+
+
 cdef void _log_missed() noexcept:
     if g_sb.missed and not g_sb.logged:
         g_sb.logged = 1
