@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from netpoll import _validate
 from netpoll._core.connection import DEFAULT_OUTPUT_LIMIT, Connection, wrap_socket_fd
-from netpoll._core.tls import check_context, client_handshake
+from netpoll._core.tls import client_handshake
+from netpoll._tlsargs import client_hostname
 from netpoll.config import _check_runner, runtime
 from netpoll.errors import DialTimeoutError
 
@@ -56,19 +57,7 @@ class Dialer:
         ``netpoll.TLSError``."""
         timeout = _validate.seconds(timeout, "timeout")
         family, addr = parse_address(network, address)
-        hostname = None
-        if ssl is not None:
-            check_context(ssl, False)
-            if server_hostname is not None and not isinstance(server_hostname, str):
-                raise TypeError("server_hostname must be a str")
-            hostname = server_hostname
-            if hostname is None and family != socket.AF_UNIX:
-                hostname = addr[0] or "localhost"
-            hostname = hostname or None
-            if hostname is None and ssl.check_hostname:
-                raise ValueError("ssl.check_hostname needs a server_hostname")
-        elif server_hostname is not None:
-            raise ValueError("server_hostname is only meaningful with ssl")
+        hostname = client_hostname(ssl, server_hostname, family, addr)
         deadline = None if timeout is None else time.monotonic() + timeout
         if family == socket.AF_UNIX:
             targets = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, addr)]

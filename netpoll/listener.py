@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 from netpoll import _validate
-from netpoll._core.tls import check_context
+from netpoll._tlsargs import server_handshake_timeout
 
 if TYPE_CHECKING:
     import ssl as _ssl
@@ -75,10 +75,6 @@ def parse_address(network: str, address: Any) -> Tuple[int, Any]:
         raise TypeError("host must be a str")
     port = _validate.size(port, "port", maximum=65535)
     return _FAMILIES[network], (host, port)
-
-
-# What a TLS client gets to finish its handshake (DESIGN.md: at most 10 s).
-DEFAULT_SSL_HANDSHAKE_TIMEOUT = 10.0
 
 
 class Listener:
@@ -202,14 +198,7 @@ def create_listener(network: str, address: Any, *, backlog: int = 1024,
     family, addr = parse_address(network, address)
     backlog = _validate.size(backlog, "backlog", maximum=_MAX_BACKLOG)
     mode = _validate.size(mode, "mode", maximum=0o777)
-    if ssl is not None:
-        check_context(ssl, True)
-        if ssl_handshake_timeout is None:
-            ssl_handshake_timeout = DEFAULT_SSL_HANDSHAKE_TIMEOUT
-        ssl_handshake_timeout = _validate.seconds(ssl_handshake_timeout,
-                                                  "ssl_handshake_timeout", zero_ok=False)
-    elif ssl_handshake_timeout is not None:
-        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    ssl_handshake_timeout = server_handshake_timeout(ssl, ssl_handshake_timeout)
     if family == socket.AF_UNIX:
         return Listener(_bind_unix(addr, backlog, mode), network, addr, ssl=ssl,
                         ssl_handshake_timeout=ssl_handshake_timeout)

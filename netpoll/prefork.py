@@ -72,9 +72,9 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from netpoll import _validate
 from netpoll.eventloop import EventLoop
-from netpoll._core.tls import check_context
+from netpoll._tlsargs import server_handshake_timeout
 from netpoll.listener import (
-    DEFAULT_SSL_HANDSHAKE_TIMEOUT, Listener, create_listener, parse_address,
+    Listener, create_listener, parse_address,
 )
 
 __all__ = ["serve", "supervise", "Worker"]
@@ -535,14 +535,8 @@ def serve(on_request: Callable[[Any, Any], None], address: Any,
     family, addr = parse_address(network, address)
     if on_ready is not None and not callable(on_ready):
         raise TypeError("on_ready must be callable")
-    tls: Dict[str, Any] = {}
-    if ssl is not None:
-        check_context(ssl, True)
-        tls = {"ssl": ssl, "ssl_handshake_timeout": _validate.seconds(
-            DEFAULT_SSL_HANDSHAKE_TIMEOUT if ssl_handshake_timeout is None
-            else ssl_handshake_timeout, "ssl_handshake_timeout", zero_ok=False)}
-    elif ssl_handshake_timeout is not None:
-        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    tls: Dict[str, Any] = {"ssl": ssl, "ssl_handshake_timeout":
+                           server_handshake_timeout(ssl, ssl_handshake_timeout)}
     shared: Optional[Listener] = None
     hold: Optional[socket.socket] = None
     bound: Tuple[Any, ...] = ()

@@ -25,9 +25,8 @@ from netpoll._core.reactor import (  # noqa: F401  (re-exported)
     conn_error,
 )
 from netpoll._core.server import ListenerOperator
-from netpoll._core.tls import check_context
+from netpoll._tlsargs import client_hostname, server_handshake_timeout
 from netpoll.listener import (
-    DEFAULT_SSL_HANDSHAKE_TIMEOUT,
     _bind_unix,
     _unlink_unix_socket,
     parse_address,
@@ -120,16 +119,8 @@ class Acceptor:
         _check_reactor(reactor)
         if not callable(factory):
             raise TypeError("factory must be callable (called with no arguments)")
-        if ssl is not None:
-            check_context(ssl, True)
-            if ssl_handshake_timeout is None:
-                ssl_handshake_timeout = DEFAULT_SSL_HANDSHAKE_TIMEOUT
-            ssl_handshake_timeout = _validate.seconds(ssl_handshake_timeout,
-                                                      "ssl_handshake_timeout", zero_ok=False)
-        elif ssl_handshake_timeout is not None:
-            raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
         self.ssl = ssl
-        self.ssl_handshake_timeout = ssl_handshake_timeout
+        self.ssl_handshake_timeout = server_handshake_timeout(ssl, ssl_handshake_timeout)
         for name, v in (("reuse_port", reuse_port), ("reuse_addr", reuse_addr)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool")
@@ -279,19 +270,7 @@ class Connector:
             raise TypeError(f"handler must be an EvHandler, not {type(handler).__name__}")
         timeout = _validate.seconds(timeout, "timeout", zero_ok=False)
         family, addr = _split(address)
-        hostname = None
-        if ssl is not None:
-            check_context(ssl, False)
-            if server_hostname is not None and not isinstance(server_hostname, str):
-                raise TypeError("server_hostname must be a str")
-            hostname = server_hostname
-            if hostname is None and family != socket.AF_UNIX:
-                hostname = addr[0] or "localhost"
-            hostname = hostname or None
-            if hostname is None and ssl.check_hostname:
-                raise ValueError("ssl.check_hostname needs a server_hostname")
-        elif server_hostname is not None:
-            raise ValueError("server_hostname is only meaningful with ssl")
+        hostname = client_hostname(ssl, server_hostname, family, addr)
         if family == socket.AF_UNIX:
             fam, sockaddr = socket.AF_UNIX, addr
         else:
