@@ -135,6 +135,7 @@ cdef class EvHandler(Operator):
     cdef int _post_tls_read(self) except -1
     cdef object _read_tls(self, np_chunk_t *ck, size_t cap)
     cdef object _write_tls(self, const char *p, size_t n)
+    cdef object _write_result(self, int st, int e, size_t sent, size_t n)
     cdef uint64_t _add_timer(self, int64_t when, int64_t interval_ns, int internal,
                              uint64_t tid) except 0
     cdef int _timer_fired(self, np_utimer_t *u, int64_t now) except -1

@@ -786,17 +786,7 @@ cdef class EvHandler(Operator):
                 pthread_mutex_unlock(&c.op.lock)
         finally:
             PyBuffer_Release(&pb)
-        if st > 0:
-            raise ConnectionClosedError("netpoll: the handler is closed")
-        if st < 0:
-            raise MemoryError()
-        if e:
-            self.err = e
-            self.rp._post(("close", self, OSError(e, os.strerror(e))))
-            return off
-        if off < n:
-            self._check_high()
-        return n
+        return self._write_result(st, e, off, n)
 
     def async_write(self, data, callback=None):
         """Queue `data` (copied now) from any thread, in order with write()
@@ -1410,6 +1400,13 @@ cdef class EvHandler(Operator):
                     if e == 0:
                         _apply_locked(c, _want(c, self.umask, connecting, self.eof_seen, False))
             pthread_mutex_unlock(&c.op.lock)
+        return self._write_result(st, e, sent, n)
+
+    cdef object _write_result(self, int st, int e, size_t sent, size_t n):
+        """What write() returns (or raises) after a send attempt: st > 0 the
+        handler is closed, st < 0 out of memory; an errno closes the handler
+        (the bytes sent so far are returned); else n, with the high watermark
+        checked when not all of it went out."""
         if st > 0:
             raise ConnectionClosedError("netpoll: the handler is closed")
         if st < 0:
@@ -1417,7 +1414,7 @@ cdef class EvHandler(Operator):
         if e:
             self.err = e
             self.rp._post(("close", self, OSError(e, os.strerror(e))))
-            return <size_t>sent
+            return sent
         if sent < n:
             self._check_high()
         return n
