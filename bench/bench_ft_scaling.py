@@ -22,7 +22,9 @@ the interpreter give at that moment. Servers: one process,
 ``netpoll.configure(num_loops=N)``, ``EventLoop(on_request, runner=R)`` on
 127.0.0.1, R = "inline" (handlers on the pollers: 1 poller is 1 core of
 Python) or "pool" (handlers on the worker pool, whose threads run in
-parallel whatever num_loops is). Runs alternate between the cells; the table
+parallel whatever num_loops is), the server process confined to N CPUs
+(``os.sched_setaffinity``) for N pollers, so that "1" means one core for
+both runners. Runs alternate between the cells; the table
 shows medians and, as bench_prefork.py does, the server's CPU (cores, and
 microseconds per request) over the measured window.
 """
@@ -80,10 +82,16 @@ def ceiling(rounds, seconds=2.0):
 
 
 def ft_server(runner, loops, rounds):
-    """Runs on the free-threaded interpreter (PYTHONPATH: the 3.13t tree)."""
+    """Runs on the free-threaded interpreter (PYTHONPATH: the 3.13t tree).
+    The server may run on `loops` CPUs and has as many pollers: the pool
+    runner's workers would otherwise use every core whatever num_loops is."""
     import netpoll
     if getattr(sys, "_is_gil_enabled", lambda: True)():
         raise SystemExit("bench_ft_scaling: the GIL is on in the server")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < loops:
+        raise SystemExit(f"bench_ft_scaling: {loops} CPUs asked, {len(cpus)} allowed")
+    os.sched_setaffinity(0, cpus[:loops])       # threads started later inherit it
     netpoll.configure(num_loops=loops)
 
     def on_connect(ctx, conn):

@@ -19,6 +19,7 @@ cdef struct np_taskq_t:
     int waking            # workers signalled that have not woken up yet
     long long progress_ns # when a worker last took a task
     int stopping
+    int parallel          # no GIL: wake a worker per queued task (runner.pyx)
     np_item_handler_t handler
 
 # 0, or -1 when memory is out (the item is not queued). Never blocks long.

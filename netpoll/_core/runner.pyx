@@ -3,12 +3,20 @@
 # without the GIL; an idle worker wakes on a condition variable, takes the GIL
 # and runs the item.
 #
-# Waking is throttled because of the GIL: two workers running Python only trade
-# the GIL (a futex wake and a context switch each time). A sleeping worker is
-# woken only when no worker is active, or when the active ones have taken no
-# task for STALL_NS (they are blocked in handlers); a worker with the GIL takes
-# the next task without dropping it.
+# With the GIL, waking is throttled: two workers running Python only trade the
+# GIL (a futex wake and a context switch each time). A sleeping worker is woken
+# only when no worker is active, or when the active ones have taken no task for
+# STALL_NS (they are blocked in handlers); a worker with the GIL takes the next
+# task without dropping it. Without the GIL (free-threaded build, q.parallel)
+# workers really run at once, so each queued task not already covered by a
+# spinning or signalled worker wakes one more.
+#
+# `waking` counts signals not yet consumed. A signal only wakes a worker that
+# was not already signalled, so one is sent only while waking < idle: a signal
+# sent past that is lost, and `waking` would stay raised for good (with the
+# GIL that stops all later wake-ups).
 
+import sys
 import threading
 
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
@@ -31,7 +39,7 @@ cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
 cdef enum:
-    STALL_NS = 1000000    # 1 ms without progress: wake another worker
+    STALL_NS = 200000     # 200 us without progress (GIL build): wake another worker
 
 # An idle worker polls the queue this long before sleeping (_set_spin()).
 cdef long long spin_ns = 50000
@@ -51,7 +59,11 @@ cdef inline bint _should_wake(np_taskq_t *q, long long now) noexcept nogil:
     # core is after the poller has pushed the rest of its batch: without
     # `waking`, every push of the batch woke one more worker to fight for
     # the GIL.
-    if q.idle == 0 or q.waking > 0:
+    if q.waking >= q.idle:
+        return False            # every sleeping worker is already signalled
+    if q.parallel:
+        return q.count > <size_t>(q.waking + q.spinning)
+    if q.waking > 0:
         return False
     if q.active == 0:
         return q.spinning == 0      # a spinning worker picks it up without a wake
@@ -187,6 +199,9 @@ cdef class WorkerPool:
         if self.threads:
             raise RuntimeError("WorkerPool already started")
         self.size = size
+        # Free-threaded build with the GIL off (it can only be turned back on
+        # at start-up, before any pool exists).
+        self.q.parallel = not getattr(sys, "_is_gil_enabled", lambda: True)()
         for i in range(size):
             t = threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             self.threads.append(t)
