@@ -48,7 +48,7 @@ from netpoll._core.runner cimport (WorkerPool, np_taskq_t, np_taskq_push,
 from netpoll._core.sockio cimport np_recv, np_send_lb
 from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_remove
 from netpoll._core.tls cimport (
-    TLSSession, np_tls_handshake, np_tls_recv, np_tls_send_lb, np_tls_close_notify,
+    TLSSession, np_tls_handshake, np_tls_recv_more, np_tls_send_lb, np_tls_close_notify,
     np_tls_pending, np_tls_free, np_tls_open, np_tls_info, np_tls_error, np_tls_take,
     TLS_DONE, TLS_WANT_READ, TLS_WANT_WRITE,
 )
@@ -312,6 +312,7 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
     cdef ssize_t r
     cdef int budget = READ_BUDGET
     cdef int e
+    cdef bint more = False      # OpenSSL holds more input (after a TLS read)
     got[0] = 0
     if c.rx_chunk == 0:
         c.rx_chunk = RX_CHUNK_MIN
@@ -339,7 +340,7 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
             if room < cap:
                 cap = room
         if c.tls != NULL:
-            r = np_tls_recv(c.tls, p, cap)
+            r = np_tls_recv_more(c.tls, p, cap, &more)
         else:
             r = np_recv(c.op.fd, p, cap)
         if r > 0:
@@ -347,7 +348,7 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
             got[0] += <size_t>r
             # (A TLS session returns a record at a time: a short read means
             # nothing only if OpenSSL holds nothing more.)
-            if <size_t>r < cap and (c.tls == NULL or not np_tls_pending(c.tls)):
+            if <size_t>r < cap and not more:
                 c.rx_last = got[0]
                 # The socket is very likely drained. Shrink the chunk size
                 # slowly when reads stay small (idle memory matters).
@@ -367,9 +368,10 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
         if e == EAGAIN or e == EWOULDBLOCK:
             return 0
         return e
-    if c.tls != NULL and np_tls_pending(c.tls):
-        # Out of budget with records inside OpenSSL: the socket may be
-        # drained, so no event would come for them. Read again soon.
+    if more:
+        # Out of budget with records inside OpenSSL (as of the last read:
+        # only this thread reads them): the socket may be drained, so no
+        # event would come for them. Read again soon.
         np_op_submit(&c.op, T_RESUME)
     return 0
 
