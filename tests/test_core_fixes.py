@@ -14,12 +14,18 @@ Scenarios that hung run in a subprocess with a timeout, so a regression fails
 the test instead of freezing the suite."""
 from __future__ import annotations
 
+import gc
 import os
+import socket
 import subprocess
 import sys
+import threading
+from typing import Any, List
 
 import pytest
 
+import netpoll
+from reactorutil import running, wait_until  # noqa: F401  (running is a fixture)
 from tlsutil import certs  # noqa: F401  (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,3 +158,116 @@ def test_tls_blocking_read_in_on_prepare_raises_instead_of_hanging(certs, runner
     out = run_script(READ_IN_ON_PREPARE, certs.server_cert_pem, certs.server_key_pem,
                      certs.ca_pem, runner, str(loops))
     assert out.strip() == "OK"
+
+
+# ------------------------------------------------ Reactor: late cancel_timer()
+
+def cancelled_set(h: netpoll.EvHandler) -> set:
+    """EvHandler._cancelled (a cdef attribute): the one set the handler
+    itself refers to (its Python attributes live in its __dict__)."""
+    sets = [o for o in gc.get_referents(h) if type(o) is set]
+    assert len(sets) == 1, sets
+    return sets[0]
+
+
+class Timers(netpoll.EvHandler):
+    def __init__(self) -> None:
+        self.fired: List[int] = []
+        self.lock = threading.Lock()
+        self.on_poller: Any = None        # run by on_read, on the poller thread
+
+    def on_timeout(self, tid: int, now: int) -> bool:
+        with self.lock:
+            self.fired.append(tid)
+        return False
+
+    def on_read(self) -> bool:
+        self.read()
+        job, self.on_poller = self.on_poller, None
+        if job is not None:
+            job(self)
+        return True
+
+
+def on_poller(h: Timers, peer: socket.socket, job: Any) -> None:
+    """Run job(h) on h's poller thread (from on_read) and wait for it."""
+    done = threading.Event()
+
+    def run(hh: Timers) -> None:
+        try:
+            job(hh)
+        finally:
+            done.set()
+
+    h.on_poller = run
+    peer.send(b"x")
+    assert done.wait(10)
+
+
+def barrier(h: Timers) -> None:
+    """Every request posted to h's poller so far has run (requests run in
+    order: a timer scheduled from here fires after them)."""
+    tid = h.schedule_timer(0)
+    assert wait_until(lambda: tid in h.fired, 10)
+
+
+@pytest.mark.timeout(60)
+def test_late_cancels_leave_nothing_behind(running):
+    """cancel_timer() for timers that already fired, from another thread and
+    from the poller itself, used to leave every id in the handler's
+    cancelled set (memory growing with each late cancel)."""
+    r = running().reactor
+    a, peer = socket.socketpair()
+    h = Timers()
+    r.add_ev_handler(h, a.detach(), netpoll.EV_IN)
+    n = 3000
+    ids = [h.schedule_timer(0) for _ in range(n)]
+    assert wait_until(lambda: len(h.fired) == n, 20)
+    assert cancelled_set(h) == set()
+
+    def cancel_all() -> None:
+        for tid in ids:
+            h.cancel_timer(tid)
+
+    threads = [threading.Thread(target=cancel_all) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    barrier(h)
+    assert len(cancelled_set(h)) == 0, f"{len(cancelled_set(h))} ids kept after late cancels"
+
+    on_poller(h, peer, lambda hh: [hh.cancel_timer(tid) for tid in ids])
+    assert len(cancelled_set(h)) == 0, "late cancels on the poller kept their ids"
+    assert sorted(h.fired[:n]) == sorted(ids)
+    peer.close()
+
+
+@pytest.mark.timeout(60)
+def test_cancel_on_the_poller_before_a_queued_creation_still_wins(running):
+    """The case the cancelled set exists for: a timer scheduled from another
+    thread whose creation request is still queued when the poller cancels
+    it must never fire; and nothing is left behind once it has been
+    skipped."""
+    r = running().reactor
+    a, peer = socket.socketpair()
+    h = Timers()
+    r.add_ev_handler(h, a.detach(), netpoll.EV_IN)
+    tids: List[int] = []
+
+    def job(hh: Timers) -> None:
+        # The poller is busy here, so the creation requests posted by this
+        # other thread wait in its queue until the cancels below are done.
+        t = threading.Thread(target=lambda: tids.extend(hh.schedule_timer(0)
+                                                         for _ in range(50)))
+        t.start()
+        t.join()
+        for tid in tids:
+            hh.cancel_timer(tid)
+
+    on_poller(h, peer, job)
+    barrier(h)
+    assert len(tids) == 50
+    assert not set(tids) & set(h.fired), "a timer cancelled before its creation fired"
+    assert cancelled_set(h) == set()
+    peer.close()
