@@ -48,7 +48,7 @@ from netpoll._core.runner cimport (WorkerPool, np_taskq_t, np_taskq_push,
 from netpoll._core.sockio cimport np_recv, np_send_lb
 from netpoll._core.timer cimport np_timer_t, timer_init, timer_heap_remove
 from netpoll._core.tls cimport (
-    TLSSession, np_tls_handshake, np_tls_recv, np_tls_send_lb, np_tls_close_notify,
+    TLSSession, np_tls_handshake, np_tls_recv_more, np_tls_send_lb, np_tls_close_notify,
     np_tls_pending, np_tls_free, np_tls_open, np_tls_info, np_tls_error, np_tls_take,
     TLS_DONE, TLS_WANT_READ, TLS_WANT_WRITE,
 )
@@ -272,6 +272,14 @@ cdef int _write_direct(np_conn_t *c, size_t limit, int64_t deadline) noexcept no
         if c.op.flags & CF_ERROR:
             pthread_mutex_unlock(&c.op.lock)
             return W_ERROR
+        if c.op.flags & CF_HANDSHAKE:
+            # Nothing can be sent before the TLS handshake ends, and the
+            # connection's poller drives it: maybe this very thread, running
+            # on_prepare before the connection is even registered; a poller
+            # never waits for another one anyway. Leave the bytes queued:
+            # the handshake's end sends them (_handshake_step).
+            pthread_mutex_unlock(&c.op.lock)
+            return W_OK
         if not (c.op.flags & CF_SENDING):
             _send_locked(c)
             if np_lb_readable(c.outbuf) <= limit or c.op.flags & CF_ERROR:
@@ -312,6 +320,7 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
     cdef ssize_t r
     cdef int budget = READ_BUDGET
     cdef int e
+    cdef bint more = False      # OpenSSL holds more input (after a TLS read)
     got[0] = 0
     if c.rx_chunk == 0:
         c.rx_chunk = RX_CHUNK_MIN
@@ -339,7 +348,7 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
             if room < cap:
                 cap = room
         if c.tls != NULL:
-            r = np_tls_recv(c.tls, p, cap)
+            r = np_tls_recv_more(c.tls, p, cap, &more)
         else:
             r = np_recv(c.op.fd, p, cap)
         if r > 0:
@@ -347,7 +356,7 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
             got[0] += <size_t>r
             # (A TLS session returns a record at a time: a short read means
             # nothing only if OpenSSL holds nothing more.)
-            if <size_t>r < cap and (c.tls == NULL or not np_tls_pending(c.tls)):
+            if <size_t>r < cap and not more:
                 c.rx_last = got[0]
                 # The socket is very likely drained. Shrink the chunk size
                 # slowly when reads stay small (idle memory matters).
@@ -367,11 +376,20 @@ cdef int _read_socket(np_conn_t *c, size_t *got) noexcept nogil:
         if e == EAGAIN or e == EWOULDBLOCK:
             return 0
         return e
-    if c.tls != NULL and np_tls_pending(c.tls):
-        # Out of budget with records inside OpenSSL: the socket may be
-        # drained, so no event would come for them. Read again soon.
+    if more:
+        # Out of budget with records inside OpenSSL (as of the last read:
+        # only this thread reads them): the socket may be drained, so no
+        # event would come for them. Read again soon.
         np_op_submit(&c.op, T_RESUME)
     return 0
+
+
+cdef inline bint _in_handshake(np_conn_t *c) noexcept nogil:
+    cdef bint r
+    pthread_mutex_lock(&c.op.lock)
+    r = (c.op.flags & CF_HANDSHAKE) != 0
+    pthread_mutex_unlock(&c.op.lock)
+    return r
 
 
 cdef inline bint _wants_process_locked(np_conn_t *c) noexcept nogil:
@@ -905,6 +923,15 @@ cdef class ConnReader(LinkBuffer):
             raise ValueError(
                 f"read on {_describe(self.conn)}: {n} bytes exceed the input limit "
                 f"({c.input_limit} bytes)")
+        if c.tls != NULL and np_on_any_poller() and _in_handshake(c):
+            # on_prepare, before the TLS handshake: no plaintext can come
+            # until the handshake ends, which waits for this very thread (the
+            # connection is registered once on_prepare returns), and reading
+            # the socket here would run the handshake outside its state
+            # machine. Refuse rather than hang. (A flush queues instead.)
+            raise RuntimeError(
+                f"read on {_describe(self.conn)}: the TLS handshake has not completed "
+                "(on_prepare runs before it); read in on_connect or on_request")
         if c.run_mode == RUN_AUTO and np_on_poller_thread(c.op.poller):
             # Polling passes to a standby, which reads the socket for us.
             np_poller_abdicate(c.op.poller)
@@ -1052,7 +1079,12 @@ cdef class ConnWriter(LinkBuffer):
         if not (c.op.flags & (CF_SENDING | CF_WANT_WRITE | CF_USER_CLOSED | OF_FD_CLOSED
                               | CF_ERROR)):
             _send_locked(c)
-        if c.outbuf.total_out >= target:
+        if c.outbuf.total_out >= target or (c.op.flags & CF_HANDSHAKE):
+            # Sent; or queued before the TLS handshake's end, which sends it.
+            # A flush never waits for the handshake: on_prepare's thread (a
+            # poller, or the thread it handed its loop to) is what the
+            # handshake waits for, the connection being registered only
+            # after on_prepare returns.
             pthread_mutex_unlock(&c.op.lock)
             return 0
         pthread_mutex_unlock(&c.op.lock)

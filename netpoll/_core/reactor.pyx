@@ -461,6 +461,7 @@ cdef class _ReactorPoller(Operator):
                     h.tls_posted = False
                 elif kind == "timer":
                     h._cancelled.discard(item[2])
+                    h._cancelled.discard(_queued(item[2]))
                 return 0
         if kind == "flush":
             h.flush_posted = False
@@ -468,6 +469,7 @@ cdef class _ReactorPoller(Operator):
                 h._flush()
         elif kind == "timer":
             tid = item[2]
+            h._cancelled.discard(_queued(tid))
             if h.closed or tid in h._cancelled or (item[5] and not h.connecting):
                 h._cancelled.discard(tid)
             else:
@@ -523,6 +525,15 @@ cdef class _ReactorPoller(Operator):
 # Requests that name a handler (item[1]): run on the handler's owner only.
 _HANDLER_REQUESTS = frozenset(("flush", "timer", "cancel", "close", "open", "connected",
                                "connect_fail", "handshake", "tls_read"))
+
+
+cdef inline object _queued(uint64_t tid):
+    """The mark in EvHandler._cancelled of a timer whose creation request
+    (from another thread) has not run yet: -tid, never a timer id. Added
+    before the request is posted, removed when it runs on the handler's
+    owner; _cancel_local() tells "not created yet" (keep the cancel for the
+    creation to see) from "finished" (keep nothing) by it."""
+    return -<object>tid
 
 
 cdef void _orphan_timer(np_utimer_t *u) noexcept:
@@ -882,6 +893,7 @@ cdef class EvHandler(Operator):
         if self.rp._is_current():
             self._add_timer(np_monotonic_ns() + d, iv, 0, tid)
         else:
+            self._cancelled.add(_queued(tid))    # before the request: see _cancel_local
             self.rp._post(("timer", self, tid, np_monotonic_ns() + d, iv, 0))
         return tid
 
@@ -1495,10 +1507,16 @@ cdef class EvHandler(Operator):
         cdef np_utimer_t *u
         addr = self._timers.get(tid)
         if addr is None:
-            # Not created yet (a request from another thread is queued) or
-            # already finished; the queued creation checks this set.
-            if not self.closed:
+            if not self.closed and _queued(tid) in self._cancelled:
+                # Not created yet (a request from another thread is queued,
+                # maybe re-posted after a move): the creation checks this set.
                 self._cancelled.add(tid)
+            else:
+                # Finished (or never this handler's): nothing can fire any
+                # more, so keep nothing, and drop what a cross-thread
+                # cancel_timer() recorded. Ids are never reused, and a timer
+                # only goes queued -> live -> finished, so this is final.
+                self._cancelled.discard(tid)
             return 0
         u = <np_utimer_t *><size_t>addr
         if u.t.index >= 0:
@@ -1779,6 +1797,7 @@ cdef class Reactor:
         elif err == EINPROGRESS or err == EAGAIN or err == EALREADY:
             if tns:
                 handler.connect_tid = _new_tid()
+                handler._cancelled.add(_queued(handler.connect_tid))
                 rp._post(("timer", handler, handler.connect_tid, np_monotonic_ns() + tns, 0, 1))
             try:
                 handler._sync_mask()

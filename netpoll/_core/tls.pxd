@@ -41,6 +41,9 @@ cdef int np_tls_handshake(np_tls_t *t) noexcept nogil
 # Bytes of plaintext (> 0), 0 at the end (close_notify or the peer's FIN), or
 # -1 with errno (EAGAIN: nothing decrypted yet; EPROTO: a TLS error).
 cdef ssize_t np_tls_recv(np_tls_t *t, char *buf, size_t n) noexcept nogil
+# The same, and when it returns > 0, *more is np_tls_pending() taken under the
+# same lock (False otherwise): the hot read path locks the session once.
+cdef ssize_t np_tls_recv_more(np_tls_t *t, char *buf, size_t n, bint *more) noexcept nogil
 # Encrypt and send lb's readable bytes: 0 all sent, 1 the socket is full,
 # -errno on error (the connection's np_send_lb contract).
 cdef int np_tls_send_lb(np_tls_t *t, np_lb_t *lb) noexcept nogil

@@ -193,7 +193,13 @@ cdef int np_tls_handshake(np_tls_t *t) noexcept nogil:
 
 
 cdef ssize_t np_tls_recv(np_tls_t *t, char *buf, size_t n) noexcept nogil:
+    return np_tls_recv_more(t, buf, n, NULL)
+
+
+cdef ssize_t np_tls_recv_more(np_tls_t *t, char *buf, size_t n, bint *more) noexcept nogil:
     cdef int r, e, err = 0
+    if more != NULL:
+        more[0] = False
     if n > <size_t>INT_MAX:
         n = <size_t>INT_MAX
     pthread_mutex_lock(&t.lock)
@@ -204,6 +210,10 @@ cdef ssize_t np_tls_recv(np_tls_t *t, char *buf, size_t n) noexcept nogil:
     _clear_errors()
     r = SSL_read(t.ssl, buf, <int>n)
     if r > 0:
+        if more != NULL:
+            # np_tls_pending()'s answer, under the lock already held: a
+            # short read then costs one lock round, not two.
+            more[0] = SSL_has_pending(t.ssl) != 0
         pthread_mutex_unlock(&t.lock)
         return r
     e = SSL_get_error(t.ssl, r)
