@@ -4,7 +4,7 @@ Protocol (one method): a request is a frame, a 4-byte big-endian length and
 that many bytes of body; the reply is a frame holding the 32-byte SHA-256
 of the body. Replies on one connection come back in request order.
 
-Shows the pool runner (the default): ``on_request`` runs on a worker thread
+Shows the pool runner: ``on_request`` runs on a worker thread
 from netpoll's bounded pool, so it may block in ``reader.next(n)`` until a
 whole frame is in, and slow work does not stall the poller or other
 connections. ``reader.slice(n)`` hands the frame body to the service function

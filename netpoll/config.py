@@ -64,7 +64,7 @@ class _Runtime:
         self.num_loops = _default_num_loops()
         self.load_balance = LoadBalance.ROUND_ROBIN
         self.buffer_size = 8192
-        self.runner: Runner = "pool"
+        self.runner: Runner = "auto"
         self.pool_size = 16
         self.pollers: List[Poller] = []
         self.pool: Optional[WorkerPool] = None
@@ -129,7 +129,8 @@ def configure(
     saturates a core; on free-threaded CPython with the GIL off, one per
     core the process may run on, ``os.sched_getaffinity``).
     buffer_size: preferred size of new buffer chunks in bytes, 1..64 MiB.
-    runner: default runner for EventLoops and dialed connections.
+    runner: default runner for EventLoops and dialed connections ("auto"
+    unless set).
     pool_size: worker threads of the "pool" runner, 1..4096 (default 16).
     handoff_threshold: runner "auto": seconds a handler may run on a poller
     thread before the poller's loop passes to a standby thread (default

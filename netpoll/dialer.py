@@ -23,7 +23,7 @@ class Dialer:
     """Makes client connections served by the shared pollers.
 
     runner: how an ``on_request`` set later with ``conn.set_on_request`` is run
-    ("pool" by default, "inline", or a callable). Timeouts in seconds apply
+    ("auto" by default, "pool", "inline", or a callable). Timeouts in seconds apply
     to every connection it makes (None or ``float("inf")``: no limit);
     output_limit as for EventLoop."""
 

@@ -40,14 +40,14 @@ class EventLoop:
     on_request is called when data arrives into an empty input buffer, never
     twice at once for one connection, and again after it returns while unread
     data remains: at once if it consumed something, otherwise when new bytes
-    arrive. runner: "pool" (default; a bounded worker pool, handlers may
-    block), "inline" (on the poller thread; fastest, handlers must not block:
-    a blocking read there stalls that poller's other connections until its
-    bytes arrive or the read timeout passes), "auto" (inline on the poller
-    thread, and when a handler blocks the poller's loop passes to a standby
-    thread: at once when it waits in netpoll, after
-    ``configure(handoff_threshold=...)`` seconds otherwise; see
-    ``configure``), or a callable run(task).
+    arrive. runner: "auto" (default: inline on the poller thread, and when a
+    handler blocks the poller's loop passes to a standby thread: at once when
+    it waits in netpoll, after ``configure(handoff_threshold=...)`` seconds
+    otherwise; see ``configure``), "pool" (a bounded worker pool, handlers
+    may block; every request pays a thread switch), "inline" (on the poller
+    thread; handlers must not block: a blocking read there stalls that
+    poller's other connections until its bytes arrive or the read timeout
+    passes), or a callable run(task).
 
     input_limit: while this many bytes are buffered unread, the socket is not
     read (TCP pushes back on the peer); a read asking for more raises

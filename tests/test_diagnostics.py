@@ -175,7 +175,10 @@ def test_stats_reports_connections_timers_pool_and_buffers(served: Any) -> None:
         assert len(s["pollers"]) == s["num_loops"]
         assert sum(p["connections"] for p in s["pollers"]) == s["connections"]
         assert sum(p["timers"] for p in s["pollers"]) == s["timers"]
-        assert set(s["pool"]) == {"size", "pending", "active"}
+        assert {"threads", "idle", "cap", "threshold"} <= set(s["handoff"])
+        # The worker pool starts on first use of runner="pool" (not the default).
+        netpoll.config.runtime().get_pool()
+        assert set(netpoll.stats()["pool"]) == {"size", "pending", "active"}
         conns[0].write(b"x" * 100)
         assert conns[0].reader.next(100) == b"x" * 100
         b = netpoll.stats()["buffers"]
@@ -236,4 +239,4 @@ def test_eventloop_repr_shows_effective_runner_and_state() -> None:
     assert repr(loop) == "<EventLoop runner='inline' connections=0>"
     loop.shutdown(timeout=1.0)
     assert repr(loop) == "<EventLoop runner='inline' connections=0 shut down>"
-    assert "runner='pool'" in repr(netpoll.EventLoop(lambda ctx, conn: None))
+    assert "runner='auto'" in repr(netpoll.EventLoop(lambda ctx, conn: None))   # the default
