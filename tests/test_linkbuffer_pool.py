@@ -33,7 +33,10 @@ def run_script(code, timeout):
 def test_pool_stats_survives_gc_freeing_chunks():
     """Issue 15 item 1: pool_stats() built its dicts while holding the pool
     lock; a GC pass inside it could free a view whose chunk goes back to the
-    pool, which takes the same (non-reentrant) lock: a hang at 100% CPU."""
+    pool, which takes the same (non-reentrant) lock: a hang at 100% CPU.
+    Small chunks go back to the thread's cache without that lock, so every
+    other round frees a chunk above the cached classes (64 KiB), which goes
+    straight to the shared pool under pool_lock."""
     code = """
         import gc, time
         from netpoll._core.linkbuffer import LinkBuffer, pool_stats
@@ -41,11 +44,12 @@ def test_pool_stats_survives_gc_freeing_chunks():
         deadline = time.monotonic() + 2.0
         rounds = 0
         while time.monotonic() < deadline:
-            for _ in range(20):
+            for i in range(20):
+                n = 100_000 if i % 2 else 100    # the last one (i = 19) is big
                 b = LinkBuffer()
-                b.write_binary(b"x" * 100)
+                b.write_binary(b"x" * n)
                 b.flush()
-                v = b.next(100)
+                v = b.next(n)
                 b.close()
                 cycle = [v]
                 cycle.append(cycle)   # only the cyclic GC frees v, and with it the chunk
