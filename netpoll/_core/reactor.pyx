@@ -1498,6 +1498,10 @@ cdef class EvHandler(Operator):
             u.t.when = nxt
             if timer_heap_push(_heap_of(u), &u.t) == 0:
                 return 0
+            # Out of memory for the heap: the interval cannot go on. Say so
+            # rather than let it stop without a trace.
+            log.error("netpoll: interval timer %d of %r stopped: no memory to re-arm it",
+                      tid, self)
         self._cancelled.discard(tid)
         self._timers.pop(tid, None)
         _free_timer(u)
