@@ -744,14 +744,33 @@ cdef void _teardown(np_poller_t *p, np_conn_t *c, bint forced) noexcept nogil:
     np_op_gil(p, &c.op, GR_TEARDOWN)
 
 
+cdef inline bint _idle_unwatchable_locked(np_conn_t *c) noexcept nogil:
+    """The idle timer cannot be armed (no memory for the heap; the poller
+    counts and logs it): close the connection rather than let it live for
+    ever. A running process() closes it when it ends; otherwise one is to
+    be scheduled (True). Lock held."""
+    cdef unsigned int f = c.op.flags
+    c.op.flags |= CF_IDLE_FIRED
+    if f & (CF_RUNNING | CF_CLOSING | OF_FD_CLOSED):
+        return False
+    c.op.flags |= CF_RUNNING
+    return True
+
+
 cdef void _arm_idle(np_poller_t *p, np_conn_t *c, int64_t now) noexcept nogil:
+    cdef bint sched
     timer_heap_remove(&p.timers, &c.idle_timer)
     c.last_active_ns = now         # sends do not stamp activity without a timeout
     if c.idle_timeout_ns > 0 and not (c.op.flags & (CF_CLOSING | OF_FD_CLOSED)):
         c.idle_timer.when = c.last_active_ns + c.idle_timeout_ns
         if c.idle_timer.when < now:
             c.idle_timer.when = now
-        np_poller_timer_push(p, &c.idle_timer)
+        if np_poller_timer_push(p, &c.idle_timer) < 0:
+            pthread_mutex_lock(&c.op.lock)
+            sched = _idle_unwatchable_locked(c)
+            pthread_mutex_unlock(&c.op.lock)
+            if sched:
+                _schedule(p, c)
 
 
 cdef void _conn_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) noexcept nogil:
@@ -768,8 +787,7 @@ cdef void _conn_timer(np_poller_t *p, np_op_t *op, np_timer_t *t, int64_t now) n
             if c.idle_timer.when <= now:
                 c.idle_timer.when = now + c.idle_timeout_ns
             if np_poller_timer_push(p, &c.idle_timer) < 0:
-                c.op.flags |= CF_IDLE_FIRED     # cannot watch it: close it rather than never
-                sched = _wants_process_locked(c)
+                sched = _idle_unwatchable_locked(c)
         else:
             c.op.flags |= CF_IDLE_FIRED | CF_RUNNING
             sched = True

@@ -73,6 +73,9 @@ cdef struct np_lb_t:
 # --- chunk pool (no GIL needed) ---
 # A chunk of at least `size` bytes with refcnt 1, or NULL when memory is out.
 cdef np_chunk_t *np_chunk_alloc(size_t size) noexcept nogil
+# Fault injection for the tests (netpoll._core.testing.fail_chunk_allocs): the
+# next n chunk allocations fail as when memory is out. 0 turns it off.
+cdef void np_chunk_fail_next_allocs(int n) noexcept nogil
 cdef void np_chunk_decref(np_chunk_t *c) noexcept nogil
 
 cdef inline void np_chunk_incref(np_chunk_t *c) noexcept nogil:

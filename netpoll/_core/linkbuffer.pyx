@@ -33,6 +33,7 @@ from libc.string cimport memcpy, memchr, memset
 from netpoll._core.includes.system cimport (
     iovec, np_spin_t, np_spin_init, np_spin_lock, np_spin_unlock,
     np_atomic_dec_int, np_atomic_load_int, np_atomic_store_int, np_atomic_store_size,
+    np_take_injected_failure,
 )
 
 cdef extern from "Python.h":
@@ -257,12 +258,22 @@ cdef inline tcache_t *_tcache() noexcept nogil:
     return _tcache_new()
 
 
+# Chunk allocations left to fail (np_chunk_fail_next_allocs, for the tests).
+cdef int _fail_allocs = 0
+
+
+cdef void np_chunk_fail_next_allocs(int n) noexcept nogil:
+    np_atomic_store_int(&_fail_allocs, n if n > 0 else 0)
+
+
 cdef np_chunk_t *np_chunk_alloc(size_t size) noexcept nogil:
     """A chunk of at least `size` bytes with refcnt 1, or NULL when memory is out."""
     cdef int cls = _class_for(size)
     cdef np_chunk_t *c = NULL
     cdef tcache_t *tc = NULL
     cdef size_t cap, n
+    if np_take_injected_failure(&_fail_allocs):
+        return NULL
     if cls >= 0:
         cap = <size_t>1 << (MIN_CLASS_SHIFT + cls)
         if tc_max[cls]:

@@ -5,6 +5,12 @@ from typing import Any, final
 def monotonic_ns() -> int:
     """The CLOCK_MONOTONIC time in nanoseconds (the clock of every deadline)."""
 
+def fail_chunk_allocs(n: int) -> None:
+    """Fault injection: the next ``n`` buffer chunk allocations fail (no memory)."""
+
+def fail_timer_pushes(n: int) -> None:
+    """Fault injection: the next ``n`` timer pushes (any heap) fail with ENOMEM."""
+
 def _selftest_c_api() -> None:
     """Exercise C-level paths TimerHeap cannot reach; AssertionError on failure."""
 

@@ -7,6 +7,9 @@ micro-benchmarks reach them through this module:
   heap of timer.pyx (the same code the pollers drive without the GIL);
 - ``_selftest_c_api()``: the C paths ``TimerHeap`` cannot reach;
 - ``monotonic_ns()``: the clock of every deadline in the core.
+- ``fail_timer_pushes(n)``, ``fail_chunk_allocs(n)``: fault injection, the
+  next n timer pushes or buffer chunk allocations fail as when memory is out
+  (what the core does then is tested).
 
 Nothing in ``netpoll`` imports it.
 """
@@ -17,10 +20,11 @@ from libc.errno cimport EINVAL, errno
 from libc.stdint cimport INT64_MIN, int64_t, uint64_t, uintptr_t
 
 from netpoll._core.includes.system cimport np_monotonic_ns, np_set_errno
+from netpoll._core.linkbuffer cimport np_chunk_fail_next_allocs
 from netpoll._core.timer cimport (
     TIMER_HEAP_ARITY, np_timer_heap_t, np_timer_t, timer_before, timer_heap_free,
     timer_heap_init, timer_heap_peek, timer_heap_pop_expired, timer_heap_push,
-    timer_heap_remove, timer_heap_timeout_ms, timer_init,
+    timer_fail_next_pushes, timer_heap_remove, timer_heap_timeout_ms, timer_init,
 )
 
 
@@ -230,6 +234,19 @@ cdef int _check(bint ok, str what) except -1:
     if not ok:
         raise AssertionError(what)
     return 0
+
+
+def fail_chunk_allocs(int n):
+    """Fault injection: the next `n` buffer chunk allocations (any buffer, the
+    connections' included) fail as when memory is out; 0 turns it off."""
+    np_chunk_fail_next_allocs(n)
+
+
+def fail_timer_pushes(int n):
+    """Fault injection: the next `n` pushes of a timer into any heap (the
+    pollers' included) fail as when memory is out (ENOMEM); 0 turns it off.
+    For the tests of what the core does when it cannot arm a timer."""
+    timer_fail_next_pushes(n)
 
 
 def _selftest_c_api():

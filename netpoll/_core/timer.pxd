@@ -25,6 +25,11 @@ cdef struct np_timer_heap_t:
     Py_ssize_t cap
     uint64_t next_seq
 
+# Fault injection for the tests (netpoll._core.testing.fail_timer_pushes): the
+# next n pushes of an unscheduled timer, into any heap, fail as if the array
+# could not grow (-1, errno ENOMEM). 0 turns it off.
+cdef void timer_fail_next_pushes(int n) noexcept nogil
+
 # index = -1, every other field zeroed.
 cdef void timer_init(np_timer_t *t) noexcept nogil
 # Empty heap with a small preallocated array: 0, or -1 (errno ENOMEM).

@@ -11,7 +11,9 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from libc.errno cimport EINVAL, ENOMEM
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
-from netpoll._core.includes.system cimport np_set_errno
+from netpoll._core.includes.system cimport (
+    np_atomic_store_int, np_set_errno, np_take_injected_failure,
+)
 
 cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
@@ -22,6 +24,10 @@ cdef extern from "Python.h":
 # extra compares per sift-down level.
 cdef enum:
     _INITIAL_CAP = 64
+
+# Pushes left to fail (timer_fail_next_pushes): 0 outside the tests, so the
+# push path pays one relaxed load and a branch that is never taken.
+cdef int _fail_pushes = 0
 
 
 # ------------------------------------------------------------------ helpers
@@ -111,6 +117,9 @@ cdef int _grow(np_timer_heap_t *h) noexcept nogil:
 
 # ------------------------------------------------------------------- C API
 
+cdef void timer_fail_next_pushes(int n) noexcept nogil:
+    np_atomic_store_int(&_fail_pushes, n if n > 0 else 0)
+
 cdef void timer_init(np_timer_t *t) noexcept nogil:
     t.when = 0
     t.seq = 0
@@ -151,6 +160,9 @@ cdef int timer_heap_push(np_timer_heap_t *h, np_timer_t *t) noexcept nogil:
         h.next_seq += 1
         _fix(h, t.index)
         return 0
+    if np_take_injected_failure(&_fail_pushes):
+        np_set_errno(ENOMEM)
+        return -1
     if h.size == h.cap and _grow(h) < 0:
         return -1
     t.seq = h.next_seq

@@ -43,6 +43,19 @@ static inline void np_set_errno(int e) { errno = e; }
 
 /* ---------------------------------------------------------------- atomics */
 
+/* Fault injection for the tests (netpoll._core.testing): a counter of
+ * operations left to fail. 1 if this one is to fail (the counter is
+ * decremented), else 0; outside the tests the counter is 0 and this costs one
+ * relaxed load. */
+static inline int np_take_injected_failure(int *left) {
+    int v = __atomic_load_n(left, __ATOMIC_RELAXED);
+    while (v > 0) {
+        if (__atomic_compare_exchange_n(left, &v, v - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return 1;
+    }
+    return 0;
+}
+
 static inline int np_atomic_inc_int(int *p) { return __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }
 static inline int np_atomic_dec_int(int *p) { return __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL); }
 static inline int np_atomic_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }

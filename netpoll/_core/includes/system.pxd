@@ -127,6 +127,7 @@ cdef extern from "compat.h" nogil:
     void np_spin_unlock(np_spin_t *l)
     unsigned int np_atomic_load_uint(unsigned int *p)
 
+    bint np_take_injected_failure(int *left)
     int np_atomic_inc_int(int *p)
     int np_atomic_dec_int(int *p)
     int np_atomic_load_int(int *p)
